@@ -1,0 +1,11 @@
+"""polyak: weight averaging for PyTorch training.
+
+The public API is this list; everything in a module whose name starts with ``_`` is internal.
+Importing ``polyak`` imports torch and nothing heavier.
+"""
+
+from polyak import schedules
+from polyak.ema import EMA, NonFinitePolicy
+
+__all__ = ["EMA", "NonFinitePolicy", "schedules"]
+__version__ = "0.1.0"

@@ -1,0 +1,526 @@
+"""``EMA``: an exponential (or uniform) moving average of a model's weights, matched by name.
+
+The class is thin: it validates once, holds typed state (step counter, decay products, shadow groups)
+and calls the pure kernels in ``polyak._kernels``. The model is never deep-copied: shadows are flat
+buffers keyed by the model's normalised parameter names (see ``polyak._storage``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from polyak import _kernels
+from polyak._select import BufferPolicy, Pattern, Selected, normalize_key, select
+from polyak._storage import Group, build_groups
+from polyak.schedules import as_schedule
+
+__all__ = ["EMA", "NonFinitePolicy"]
+
+log = logging.getLogger("polyak")
+
+NonFinitePolicy = Literal["raise", "skip", "ignore"]
+NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip", "ignore")
+STATE_FORMAT = "polyak.ema"
+STATE_VERSION = 1
+
+DecayLike = float | Callable[[int], float]
+
+# --- detecting a model that changed after the EMA was built ------------------------------------------
+# torch calls these process-wide hooks whenever any module registers a parameter, buffer or submodule.
+# They only bump a counter; an EMA re-checks its model (a full walk) only when the counter has moved, so
+# the common update costs one integer comparison instead of a walk over thousands of tensors.
+_generation = 0
+_hooks_installed = False
+
+
+def _bump_generation(*_: object) -> None:
+    global _generation
+    _generation += 1
+
+
+def _install_registration_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    from torch.nn.modules import module as torch_module
+
+    torch_module.register_module_parameter_registration_hook(_bump_generation)
+    torch_module.register_module_buffer_registration_hook(_bump_generation)
+    torch_module.register_module_module_registration_hook(_bump_generation)
+    _hooks_installed = True
+
+
+def _check_int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+class EMA:
+    """A moving average of a model's parameters (and float buffers), held as named shadow tensors.
+
+    Update rule, at the t-th averaging update (t counts calls after ``start_step``)::
+
+        shadow <- beta_t * shadow + (1 - beta_t) * weight          (computed as shadow.lerp_(weight, 1 - beta_t))
+
+    Args:
+        model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied.
+        decay: a float in [0, 1) (constant decay), a schedule ``t -> beta_t`` from ``polyak.schedules``,
+            or a sequence of those to keep several averages at once (``index=`` selects one).
+        start_step: for the first ``start_step`` calls of ``update()`` the shadow copies the weights.
+        update_every: average on every k-th call only, with the decays of the k steps multiplied
+            (``beta**k`` for a constant beta), so the result does not depend on k when the weights are
+            constant between updates.
+        include, exclude: names, glob patterns (``"*.bias"``), module prefixes (``"backbone"``) or compiled
+            regexes. Parameters left out are not shadowed: the averaged model uses their live values.
+        buffers: ``"average"`` float buffers (e.g. BatchNorm statistics), ``"copy"`` their live values
+            into the averaged model, or ``"skip"`` them (left out of ``averaged_state_dict``, untouched by
+            ``copy_to``). Integer buffers are always copied exactly, never averaged.
+        dtype: shadow dtype. Default: float32 for float16/bfloat16 weights, else the weight's dtype.
+        device: shadow device, e.g. ``"cpu"`` to offload; default: each weight's own device.
+        debias: zero-initialised shadow with bias correction ``shadow / (1 - prod(beta))`` (Adam-style);
+            the average is exact from the first update, whatever the decay.
+        nonfinite: what an update does when a weight holds NaN or inf: ``"raise"`` a ValueError naming
+            the tensors and leave the average untouched (default), ``"skip"`` that update (logged), or
+            ``"ignore"`` (no check; fastest; the NaN enters the average). The check reads every weight
+            once more; on CUDA it reads one flag back from the device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: DecayLike | Sequence[DecayLike] = 0.9999,
+        *,
+        start_step: int = 0,
+        update_every: int = 1,
+        include: Pattern | Iterable[Pattern] | None = None,
+        exclude: Pattern | Iterable[Pattern] | None = None,
+        buffers: BufferPolicy = "average",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        debias: bool = False,
+        nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"EMA expects a torch.nn.Module, got {type(model).__name__}")
+        decays: Sequence[DecayLike] = decay if isinstance(decay, (list, tuple)) else [decay]  # type: ignore[list-item]
+        if not decays:
+            raise ValueError("decay is an empty sequence; pass a float, a schedule, or a non-empty list")
+        self.schedules: tuple[Callable[[int], float], ...] = tuple(as_schedule(d) for d in decays)
+        for i, schedule in enumerate(self.schedules):
+            self._checked_decay(schedule, 1, i)  # fail at construction, not at the first update
+        self.start_step = _check_int(start_step, "start_step", 0)
+        self.update_every = _check_int(update_every, "update_every", 1)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
+            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
+        if not isinstance(debias, bool):
+            raise TypeError(f"debias must be a bool, got {debias!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+
+        self.model = model
+        self.buffers: BufferPolicy = buffers
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self.debias = debias
+        self.nonfinite: NonFinitePolicy = nonfinite
+        self._include = include
+        self._exclude = exclude
+
+        self.step = 0  # calls of update()
+        self.skipped_updates = 0  # updates refused by nonfinite="skip"
+        self.last_decays: tuple[float, ...] = tuple(0.0 for _ in self.schedules)
+        # prod(beta) over every averaging update per average; 1.0 is the empty product. With debias the
+        # average is shadow / (1 - product); a copy counts as beta = 0.
+        self._products: list[float] = [1.0 for _ in self.schedules]
+        self._applied = False
+
+        _install_registration_hooks()
+        self._generation = _generation
+        self._selected: list[Selected] = select(model, include=include, exclude=exclude, buffers=buffers)
+        self._groups: list[Group] = build_groups(
+            self._selected, num_averages=len(self.schedules), dtype=dtype, device=self.device
+        )
+        with torch.no_grad():
+            for group in self._groups:
+                for views in group.views:
+                    if debias:
+                        group.flat.zero_()
+                    else:
+                        _kernels.copy_(views, group.sources)
+
+    # --- public properties -----------------------------------------------------------------------------
+    @property
+    def num_averages(self) -> int:
+        """How many averages are kept (one per decay)."""
+        return len(self.schedules)
+
+    @property
+    def averaged_keys(self) -> list[str]:
+        """Normalised keys of the tensors that have a shadow."""
+        return [key for group in self._groups for key in group.keys]
+
+    def __repr__(self) -> str:
+        numel = sum(g.numel for g in self._groups)
+        decays = ", ".join(repr(s) for s in self.schedules)
+        return (
+            f"EMA(decay=[{decays}], step={self.step}, averaged={len(self.averaged_keys)} tensors "
+            f"({numel:,} elements), start_step={self.start_step}, update_every={self.update_every}, "
+            f"buffers={self.buffers!r}, debias={self.debias})"
+        )
+
+    # --- the update ------------------------------------------------------------------------------------
+    def decays_at(self, t: int) -> tuple[float, ...]:
+        """The decay of each average at averaging step ``t`` (product over the ``update_every`` steps)."""
+        lo = max(1, t - self.update_every + 1)
+        out = []
+        for i, schedule in enumerate(self.schedules):
+            value = 1.0
+            for s in range(lo, t + 1):
+                value *= self._checked_decay(schedule, s, i)
+            out.append(value)
+        return tuple(out)
+
+    @staticmethod
+    def _checked_decay(schedule: Callable[[int], float], t: int, index: int) -> float:
+        value = schedule(t)
+        if isinstance(value, Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(
+                f"schedule {schedule!r} (decay index {index}) returned {type(value).__name__} at t={t}; "
+                "a schedule must return a Python float (no tensors: reading one would sync the device)"
+            )
+        if not (0.0 <= value < 1.0):
+            raise ValueError(
+                f"schedule {schedule!r} (decay index {index}) returned {value!r} at t={t}; decays must be in [0, 1)"
+            )
+        return float(value)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the model's current weights into the average. Call after ``optimizer.step()``.
+
+        Never reads a value back from the device (except one flag per update under the default
+        ``nonfinite="raise"``/``"skip"`` on CUDA).
+        """
+        if self._applied:
+            raise RuntimeError(
+                "ema.update() was called inside `with ema.apply():`; the live model holds the averaged "
+                "weights there. Update outside the block."
+            )
+        self._check_model_unchanged()
+        t = self.step + 1 - self.start_step
+        if t <= 0:
+            if not self._guard_finite():
+                self.step += 1
+                self.skipped_updates += 1
+                return
+            self._copy_live_into_shadows()
+            self.step += 1
+            return
+        if t % self.update_every:
+            self.step += 1
+            return
+        decays = self.decays_at(t)
+        if not self._guard_finite():
+            self.step += 1
+            self.skipped_updates += 1
+            return
+        try:
+            for group in self._groups:
+                for k, views in enumerate(group.views):
+                    _kernels.lerp_(views, group.sources, 1.0 - decays[k])
+        except RuntimeError:
+            self._verify_model(strict_identity=False)  # raises a clear error if the model changed
+            raise
+        self.step += 1
+        self.last_decays = decays
+        self._products = [p * d for p, d in zip(self._products, decays)]
+
+    def _copy_live_into_shadows(self) -> None:
+        for group in self._groups:
+            for views in group.views:
+                _kernels.copy_(views, group.sources)
+        self._products = [0.0 for _ in self.schedules]
+        self.last_decays = tuple(0.0 for _ in self.schedules)
+
+    def _guard_finite(self) -> bool:
+        """True when the update may go ahead; raises or returns False on a NaN/inf weight."""
+        if self.nonfinite == "ignore":
+            return True
+        flags = [_kernels.all_finite(g.sources).to("cpu") for g in self._groups]
+        if all(bool(f) for f in flags):
+            return True
+        bad = [
+            g.keys[i] for g, f in zip(self._groups, flags) if not bool(f) for i in _kernels.nonfinite_indices(g.sources)
+        ]
+        if not bad:  # |x| summed past the float range: a false alarm
+            return True
+        if self.nonfinite == "skip":
+            log.warning("polyak: skipped EMA update at step %d: NaN/inf in %s", self.step + 1, bad[:10])
+            return False
+        raise ValueError(
+            f"non-finite values (NaN or inf) in {len(bad)} weight tensor(s): {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}; the average was left unchanged. Fix the divergence (lower the "
+            "learning rate, clip gradients) or build the EMA with nonfinite='skip' to skip such updates."
+        )
+
+    # --- reading the average ---------------------------------------------------------------------------
+    def _check_index(self, index: int) -> int:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not (-self.num_averages <= index < self.num_averages):
+            raise ValueError(f"index {index} out of range: this EMA keeps {self.num_averages} average(s)")
+        return index % self.num_averages
+
+    def _averaged_views(self, group: Group, index: int) -> list[Tensor]:
+        """The averaged values of a group in the shadow dtype (bias-corrected when ``debias``)."""
+        views = group.views[index]
+        if not self.debias:
+            return views
+        correction = 1.0 - self._products[index]
+        if correction <= 0.0:  # no update yet: the zero shadow carries no information
+            return [s.detach().to(dtype=v.dtype, device=v.device) for v, s in zip(views, group.sources)]
+        return list(torch._foreach_div(views, correction))
+
+    def _averaged_by_key(self, index: int) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for group in self._groups:
+            out.update(zip(group.keys, self._averaged_views(group, index)))
+        return out
+
+    @contextmanager
+    def apply(self, index: int = 0) -> Iterator[nn.Module]:
+        """Inside the block the live model holds the averaged weights; on exit (even on error) the
+        training weights are restored exactly. Yields the model."""
+        index = self._check_index(index)
+        if self._applied:
+            raise RuntimeError("ema.apply() is already active; nested apply() blocks are not supported")
+        self._check_model_unchanged()
+        with torch.no_grad():
+            backups = [[s.detach().clone() for s in g.sources] for g in self._groups]
+            self._applied = True
+            try:
+                for group in self._groups:
+                    _kernels.copy_(group.sources, self._averaged_views(group, index))
+            except BaseException:
+                self._restore(backups)
+                raise
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                self._restore(backups)
+
+    def _restore(self, backups: list[list[Tensor]]) -> None:
+        for group, backup in zip(self._groups, backups):
+            _kernels.copy_(group.sources, backup)
+        self._applied = False
+
+    def averaged_state_dict(self, index: int = 0) -> dict[str, Any]:
+        """The model's ``state_dict()`` with averaged tensors (in the model's dtype) in place of the live
+        ones; loadable by ``model.load_state_dict``. Buffers under ``buffers="skip"`` are left out (load
+        with ``strict=False``). Every tensor is a fresh copy."""
+        index = self._check_index(index)
+        self._check_model_unchanged()
+        averaged = self._averaged_by_key(index)
+        skipped = {k for s in self._selected if s.mode == "skip" for k in s.model_keys}
+        out: dict[str, Any] = {}
+        for key, value in self.model.state_dict().items():
+            if key in skipped:
+                continue
+            norm = normalize_key(key)
+            if norm in averaged and isinstance(value, Tensor):
+                out[key] = averaged[norm].detach().to(dtype=value.dtype, device=value.device, copy=True)
+            elif isinstance(value, Tensor):
+                out[key] = value.detach().clone()
+            else:
+                out[key] = value
+        return out
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module, index: int = 0) -> None:
+        """Write the averaged weights into ``model`` (same architecture; wrapper prefixes may differ).
+
+        Everything is checked before anything is written: missing/unexpected keys and shape mismatches
+        raise a ValueError and leave ``model`` untouched.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"copy_to expects a torch.nn.Module, got {type(model).__name__}")
+        index = self._check_index(index)
+        self._check_model_unchanged()
+        averaged = self._averaged_by_key(index)
+        ours = {s.key: s for s in self._selected}
+        target = {s.key: s for s in select(model, include=None, exclude=None, buffers="copy")}
+        skipped = {k for k, s in ours.items() if s.mode == "skip"}
+        missing = sorted(set(ours) - set(target) - skipped)
+        unexpected = sorted(set(target) - set(ours))
+        if missing or unexpected:
+            raise ValueError(
+                "copy_to: the target model does not match the averaged model: "
+                f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}; pass a model of the same "
+                "architecture"
+            )
+        pairs: list[tuple[Tensor, Tensor]] = []
+        for key, dst in target.items():
+            if key in skipped:
+                continue
+            src = averaged[key] if key in averaged else ours[key].tensor
+            if dst.tensor.shape != src.shape:
+                raise ValueError(
+                    f"copy_to: shape mismatch for {key!r}: averaged {tuple(src.shape)} vs target "
+                    f"{tuple(dst.tensor.shape)}"
+                )
+            pairs.append((dst.tensor, src))
+        _kernels.copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+    # --- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: step, decay products, and every shadow (fresh copies, normalised
+        keys, shadow dtype). Loadable with ``torch.load(weights_only=True)``."""
+        self._check_model_unchanged()
+        averages = [
+            {key: view.detach().clone() for group in self._groups for key, view in zip(group.keys, group.views[k])}
+            for k in range(self.num_averages)
+        ]
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step": self.step,
+            "skipped_updates": self.skipped_updates,
+            "products": list(self._products),
+            "last_decays": list(self.last_decays),
+            "config": {
+                "decay": [repr(s) for s in self.schedules],
+                "start_step": self.start_step,
+                "update_every": self.update_every,
+                "buffers": self.buffers,
+                "debias": self.debias,
+                "dtype": None if self.dtype is None else str(self.dtype),
+                "nonfinite": self.nonfinite,
+            },
+            "averages": averages,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output. Everything is validated before anything changes: a foreign or
+        corrupt state, missing/unexpected keys, shape or dtype mismatches and NaN/inf raise ValueError."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"load_state_dict expects a mapping, got {type(state_dict).__name__}")
+        fmt = state_dict.get("format")
+        if fmt != STATE_FORMAT:
+            raise ValueError(
+                f"not a polyak EMA state dict (format={fmt!r}, expected {STATE_FORMAT!r}); "
+                "for another library's checkpoint use polyak.load(..., format=...)"
+            )
+        version = state_dict.get("version")
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise ValueError(f"unsupported polyak EMA state version {version!r} (this polyak reads <= {STATE_VERSION})")
+        averages = state_dict.get("averages")
+        if not isinstance(averages, (list, tuple)) or not all(isinstance(a, Mapping) for a in averages):
+            raise ValueError("corrupt EMA state: 'averages' must be a list of {key: tensor} mappings")
+        if len(averages) != self.num_averages:
+            raise ValueError(
+                f"the state holds {len(averages)} average(s) but this EMA keeps {self.num_averages}; "
+                "build the EMA with the same number of decays"
+            )
+        config = state_dict.get("config", {})
+        if isinstance(config, Mapping) and "debias" in config and bool(config["debias"]) != self.debias:
+            raise ValueError(
+                f"the state was saved with debias={config['debias']} but this EMA has debias={self.debias}; "
+                "the shadows mean different things, build the EMA with the same debias"
+            )
+        step = state_dict.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"corrupt EMA state: 'step' must be a non-negative int, got {step!r}")
+        products = state_dict.get("products", [1.0] * self.num_averages)
+        if not isinstance(products, (list, tuple)) or len(products) != self.num_averages:
+            raise ValueError(f"corrupt EMA state: 'products' must hold {self.num_averages} floats")
+
+        views = {
+            key: [g.views[k][i] for k in range(self.num_averages)] for g in self._groups for i, key in enumerate(g.keys)
+        }
+        plan: list[tuple[Tensor, Tensor]] = []
+        for k, average in enumerate(averages):
+            loaded = {normalize_key(str(key)): value for key, value in average.items()}
+            missing = sorted(set(views) - set(loaded))
+            unexpected = sorted(set(loaded) - set(views))
+            if missing or unexpected:
+                raise ValueError(
+                    f"EMA state does not match this model (average {k}): missing keys {missing[:20]}"
+                    f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
+                    f"{' ...' if len(unexpected) > 20 else ''}; build the EMA on the same architecture with the "
+                    "same include/exclude/buffers settings"
+                )
+            for key, value in loaded.items():
+                dst = views[key][k]
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"corrupt EMA state: {key!r} is a {type(value).__name__}, not a tensor")
+                if value.shape != dst.shape:
+                    raise ValueError(
+                        f"shape mismatch for {key!r}: state has {tuple(value.shape)}, model has {tuple(dst.shape)}"
+                    )
+                if value.dtype != dst.dtype:
+                    raise ValueError(
+                        f"dtype mismatch for {key!r}: state has {value.dtype}, this EMA keeps {dst.dtype}; "
+                        f"build the EMA with dtype={value.dtype}"
+                    )
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"EMA state holds NaN/inf in {key!r}; refusing to load a corrupt average")
+                plan.append((dst, value))
+        _kernels.copy_([d for d, _ in plan], [v for _, v in plan])
+        self.step = step
+        self.skipped_updates = int(state_dict.get("skipped_updates", 0))
+        self._products = [float(p) for p in products]
+        last = state_dict.get("last_decays", [0.0] * self.num_averages)
+        self.last_decays = tuple(float(d) for d in last)
+
+    # --- model integrity -------------------------------------------------------------------------------
+    def _check_model_unchanged(self) -> None:
+        if self._generation != _generation:
+            self._verify_model(strict_identity=True)
+            self._generation = _generation
+
+    def _verify_model(self, *, strict_identity: bool) -> None:
+        """Raise a clear error if the model's tensors no longer match the shadows; rebind buffers that
+        were re-assigned with the same shape (a module replacing ``self.buf = ...``)."""
+        now = {s.key: s for s in select(self.model, include=None, exclude=None, buffers="copy")}
+        before = {s.key: s for s in self._selected}
+        missing = sorted(set(before) - set(now))
+        unexpected = sorted(set(now) - set(before))
+        if missing or unexpected:
+            raise ValueError(
+                "the model changed after the EMA was built: "
+                f"removed {missing[:20]}, added {unexpected[:20]}; build the EMA after the model is final "
+                "(after replacing layers, before training)"
+            )
+        rebound: dict[str, Tensor] = {}
+        for key, old in before.items():
+            new = now[key].tensor
+            if new.shape != old.tensor.shape:
+                raise ValueError(
+                    f"the model changed after the EMA was built: {key!r} has shape {tuple(new.shape)}, "
+                    f"the average has {tuple(old.tensor.shape)}"
+                )
+            if new is not old.tensor:
+                if not old.is_buffer and strict_identity and old.mode == "average":
+                    raise ValueError(
+                        f"the model changed after the EMA was built: parameter {key!r} was replaced by a new "
+                        "tensor; build the EMA after the model is final, or copy new weights in place "
+                        "(param.copy_(...)) instead of re-assigning"
+                    )
+                rebound[key] = new
+        if rebound:
+            self._selected = [
+                Selected(s.key, s.model_keys, rebound.get(s.key, s.tensor), s.is_buffer, s.mode) for s in self._selected
+            ]
+            for group in self._groups:
+                group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]

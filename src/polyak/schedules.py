@@ -1,0 +1,209 @@
+"""Decay schedules: pure functions of the averaging step.
+
+A schedule maps ``t`` (the 1-based index of the current averaging update, counted from ``start_step``)
+to the decay ``beta_t`` in ``[0, 1)`` used by ``shadow <- beta_t * shadow + (1 - beta_t) * weight``.
+Schedules are small frozen dataclasses: callable, comparable, printable, and picklable, so a schedule
+can be written into a checkpoint's config and tested without any model.
+
+| schedule | beta_t | matches |
+|---|---|---|
+| ``constant(d)`` | d | timm ModelEmaV2/V3 (no warm-up), torch_ema / diffusers without warm-up |
+| ``ultralytics(d, tau)`` | d * (1 - exp(-t / tau)) | Ultralytics/YOLOv5-v8 ``ModelEMA`` |
+| ``num_updates(d)`` | min(d, (1 + t) / (10 + t)) | TF/Paddle ``ExponentialMovingAverage``, torch_ema |
+| ``inverse_gamma(d, inv_gamma, power, min_decay)`` | clamp(1 - (1 + t/inv_gamma)^-power) | timm V3 warm-up, ema-pytorch, diffusers |
+| ``half_life(h)`` | 0.5 ** (1 / h) | the weight of a sample halves every h updates |
+| ``power_function(gamma)`` | (1 - 1/t) ** (gamma + 1) | Karras et al. 2024 (EDM2) |
+| ``uniform()`` | 1 - 1/t | the running arithmetic mean: SWA / ``AveragedModel`` |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Schedule",
+    "as_schedule",
+    "constant",
+    "half_life",
+    "inverse_gamma",
+    "num_updates",
+    "power_function",
+    "ultralytics",
+    "uniform",
+]
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """Anything callable as ``schedule(t) -> decay`` with ``t >= 1``."""
+
+    def __call__(self, t: int, /) -> float: ...
+
+
+def _check_decay(value: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise ValueError(
+            f"{what} must be in [0, 1), got {value!r}; a decay of 1 would freeze the average "
+            "(typical values are 0.99 to 0.9999)"
+        )
+    return value
+
+
+def _check_positive(value: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a positive number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    return value
+
+
+def _check_step(t: int) -> None:
+    if t < 1:
+        raise ValueError(f"schedules are defined for t >= 1 (the 1-based averaging step), got t={t}")
+
+
+@dataclass(frozen=True)
+class constant:
+    """beta_t = decay for every t (timm ModelEmaV2/V3 without warm-up, torch_ema with
+    ``use_num_updates=False``)."""
+
+    decay: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _check_decay(self.decay, "decay"))
+
+    def __call__(self, t: int, /) -> float:
+        return self.decay
+
+
+@dataclass(frozen=True)
+class ultralytics:
+    """beta_t = decay * (1 - exp(-t / tau)): Ultralytics/YOLOv5-v8 ``ModelEMA``.
+
+    The ramp reaches ~63% of ``decay`` after ``tau`` updates and ~99% after ``5 * tau``; on a run much
+    shorter than ``tau`` the average follows the raw weights closely (a trap shown in ``polyak
+    experiment sweep``).
+    """
+
+    decay: float = 0.9999
+    tau: float = 2000.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _check_decay(self.decay, "decay"))
+        object.__setattr__(self, "tau", _check_positive(self.tau, "tau"))
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        return self.decay * (1.0 - math.exp(-t / self.tau))
+
+
+@dataclass(frozen=True)
+class num_updates:
+    """beta_t = min(decay, (1 + t) / (10 + t)): TensorFlow/Paddle ``ExponentialMovingAverage(num_updates)``
+    and torch_ema ``use_num_updates=True``.
+
+    Note: (1 + t) / (10 + t) reaches 0.999 only at t = 8991 and 0.9999 at t = 89991, so on a short run
+    the effective decay is far below ``decay``.
+    """
+
+    decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _check_decay(self.decay, "decay"))
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        return min(self.decay, (1.0 + t) / (10.0 + t))
+
+
+@dataclass(frozen=True)
+class inverse_gamma:
+    """beta_t = clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, max_decay).
+
+    The warm-up of @crowsonkb used by timm ``ModelEmaV3(use_warmup=True)``, lucidrains' ema-pytorch and
+    diffusers ``EMAModel(use_ema_warmup=True)``. Those libraries copy the weights for their first
+    ``update_after_step + 1`` updates; ``EMA(start_step=update_after_step + 1)`` reproduces them exactly.
+    power=2/3 reaches 0.999 at 31.6K steps and 0.9999 at 1M; power=3/4 reaches 0.999 at 10K steps.
+    """
+
+    max_decay: float = 0.9999
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    min_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_decay", _check_decay(self.max_decay, "max_decay"))
+        object.__setattr__(self, "min_decay", _check_decay(self.min_decay, "min_decay"))
+        object.__setattr__(self, "inv_gamma", _check_positive(self.inv_gamma, "inv_gamma"))
+        object.__setattr__(self, "power", _check_positive(self.power, "power"))
+        if self.min_decay > self.max_decay:
+            raise ValueError(f"min_decay={self.min_decay} must not exceed max_decay={self.max_decay}")
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        value = 1.0 - float((1.0 + t / self.inv_gamma) ** -self.power)
+        return max(self.min_decay, min(value, self.max_decay))
+
+
+@dataclass(frozen=True)
+class half_life:
+    """beta_t = 0.5 ** (1 / steps): the weight of any sample in the average halves every ``steps``
+    updates (the "half-life" parameterisation of pandas ``ewm(halflife=...)`` and EDM2's sigma_rel
+    discussion)."""
+
+    steps: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", _check_positive(self.steps, "steps"))
+
+    def __call__(self, t: int, /) -> float:
+        return float(0.5 ** (1.0 / self.steps))
+
+
+@dataclass(frozen=True)
+class power_function:
+    """beta_t = (1 - 1 / t) ** (gamma + 1): the power-function EMA of Karras et al. 2024, "Analyzing and
+    Improving the Training Dynamics of Diffusion Models" (EDM2), eq. 3.
+
+    The averaging profile is a power function of training time, so the average's relative width stays
+    constant as training goes on; gamma=0 is the uniform average (SWA). Requires gamma > -1.
+    """
+
+    gamma: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
+            raise TypeError(f"gamma must be a number > -1, got {self.gamma!r}")
+        if not (self.gamma > -1.0 and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma must be a finite number > -1, got {self.gamma!r}")
+        object.__setattr__(self, "gamma", float(self.gamma))
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        return float((1.0 - 1.0 / t) ** (self.gamma + 1.0))
+
+
+@dataclass(frozen=True)
+class uniform:
+    """beta_t = 1 - 1 / t: the running arithmetic mean of every averaged weight, i.e. SWA /
+    ``torch.optim.swa_utils.AveragedModel`` (whose first ``update_parameters`` copies, then
+    ``avg += (w - avg) / (n + 1)``)."""
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        return 1.0 - 1.0 / t
+
+
+def as_schedule(decay: float | Callable[[int], float]) -> Callable[[int], float]:
+    """A float becomes ``constant(decay)``; a callable is returned as it is (its values are checked
+    when they are used)."""
+    if callable(decay):
+        return decay
+    return constant(decay)
