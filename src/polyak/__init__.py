@@ -5,7 +5,8 @@ Importing ``polyak`` imports torch and nothing heavier.
 """
 
 from polyak import schedules
+from polyak.bn import update_bn
 from polyak.ema import EMA, NonFinitePolicy
 
-__all__ = ["EMA", "NonFinitePolicy", "schedules"]
+__all__ = ["EMA", "NonFinitePolicy", "schedules", "update_bn"]
 __version__ = "0.1.0"

@@ -304,24 +304,27 @@ class EMA:
         if self._applied:
             raise RuntimeError("ema.apply() is already active; nested apply() blocks are not supported")
         self._check_model_unchanged()
+        # Back up the averaged tensors and every other buffer too: code inside the block (a forward pass
+        # in train mode, polyak.update_bn) may change BatchNorm statistics that are not averaged.
+        live = [src for g in self._groups for src in g.sources]
+        live += [s.tensor for s in self._selected if s.is_buffer and s.mode != "average"]
         with torch.no_grad():
-            backups = [[s.detach().clone() for s in g.sources] for g in self._groups]
+            backup = [t.detach().clone() for t in live]
             self._applied = True
             try:
                 for group in self._groups:
                     _kernels.copy_(group.sources, self._averaged_views(group, index))
             except BaseException:
-                self._restore(backups)
+                self._restore(live, backup)
                 raise
         try:
             yield self.model
         finally:
             with torch.no_grad():
-                self._restore(backups)
+                self._restore(live, backup)
 
-    def _restore(self, backups: list[list[Tensor]]) -> None:
-        for group, backup in zip(self._groups, backups):
-            _kernels.copy_(group.sources, backup)
+    def _restore(self, live: list[Tensor], backup: list[Tensor]) -> None:
+        _kernels.copy_(live, backup)
         self._applied = False
 
     def averaged_state_dict(self, index: int = 0) -> dict[str, Any]:
