@@ -41,7 +41,12 @@ def _as_patterns(value: Pattern | Iterable[Pattern] | None, what: str) -> tuple[
     if value is None:
         return None
     items: Sequence[object]
-    items = [value] if isinstance(value, (str, re.Pattern)) else list(value)
+    if isinstance(value, (str, re.Pattern)):
+        items = [value]
+    elif isinstance(value, Iterable):
+        items = list(value)
+    else:
+        raise TypeError(f"{what} takes names, glob patterns or compiled regexes, got {type(value).__name__} {value!r}")
     for item in items:
         if not isinstance(item, (str, re.Pattern)):
             raise TypeError(
@@ -72,6 +77,7 @@ class Selected:
     tensor: torch.Tensor  # the live parameter or buffer
     is_buffer: bool
     mode: Literal["average", "live", "skip"]
+    shape: tuple[int, ...]  # at selection time: a later `param.data = ...` of another shape is detected
 
 
 def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -137,7 +143,7 @@ def select(
                 used_exc.update(hits)
                 if hits:
                     mode = "live"
-        selected.append(Selected(key, tuple(model_keys), tensor, is_buffer, mode))
+        selected.append(Selected(key, tuple(model_keys), tensor, is_buffer, mode, tuple(tensor.shape)))
 
     for what, patterns, used in (("include", inc, used_inc), ("exclude", exc, used_exc)):
         if patterns is None:

@@ -508,10 +508,10 @@ class EMA:
         rebound: dict[str, Tensor] = {}
         for key, old in before.items():
             new = now[key].tensor
-            if new.shape != old.tensor.shape:
+            if tuple(new.shape) != old.shape:
                 raise ValueError(
                     f"the model changed after the EMA was built: {key!r} has shape {tuple(new.shape)}, "
-                    f"the average has {tuple(old.tensor.shape)}"
+                    f"the average has {old.shape}"
                 )
             if new is not old.tensor:
                 if not old.is_buffer and strict_identity and old.mode == "average":
@@ -523,7 +523,8 @@ class EMA:
                 rebound[key] = new
         if rebound:
             self._selected = [
-                Selected(s.key, s.model_keys, rebound.get(s.key, s.tensor), s.is_buffer, s.mode) for s in self._selected
+                Selected(s.key, s.model_keys, rebound.get(s.key, s.tensor), s.is_buffer, s.mode, s.shape)
+                for s in self._selected
             ]
             for group in self._groups:
                 group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
