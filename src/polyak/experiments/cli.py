@@ -25,6 +25,8 @@ def add_commands(sub: Any) -> None:
     )
     demo.add_argument("--out", default="reports/demo", help="report directory (default: reports/demo)")
     demo.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds per experiment (default: {DEMO_SEEDS})")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 40 regression, 20 digits)")
+    demo.add_argument("--samples", type=int, default=None, help="subsample each data set to N samples")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=run_demo)
 
