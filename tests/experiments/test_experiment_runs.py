@@ -67,7 +67,8 @@ def test_cli_experiment_and_demo(tmp_path, capsys):
     assert main(["demo", "--seeds", "2", "--epochs", "2", "--samples", "60", "--out", str(demo), "--quiet"]) == 0
     assert f"report: {demo / 'report.md'}" in capsys.readouterr().out
     index = (demo / "report.md").read_text()
-    assert "(regression/report.md)" in index and "(digits/report.md)" in index
+    assert "(regression/report.md)" in index
+    assert "(digits/report.md)" in index
     assert (demo / "digits" / "results.json").is_file()
 
 
@@ -85,7 +86,8 @@ def test_cli_experiment_and_demo(tmp_path, capsys):
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert message in err
+    assert err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
 

@@ -36,7 +36,9 @@ def test_paired_comparison_matches_scipy():
     assert c.t_pvalue == pytest.approx(stats.ttest_rel(AVG, RAW).pvalue, rel=1e-10)
     assert c.wilcoxon_pvalue == pytest.approx(stats.wilcoxon(d).pvalue, rel=1e-10)
     assert c.relative_change == pytest.approx(d.mean() / np.mean(RAW), rel=1e-12)
-    assert c.improves and c.significant and not c.worsens
+    assert c.improves
+    assert c.significant
+    assert not c.worsens
 
 
 def test_paired_ci_closed_form():
@@ -51,10 +53,13 @@ def test_paired_ci_closed_form():
 
 def test_paired_comparison_degenerate_cases():
     same = paired_comparison([1.0, 2.0], [1.0, 2.0], higher_is_better=True)
-    assert math.isnan(same.t_pvalue) and math.isnan(same.wilcoxon_pvalue)
-    assert not same.significant and (same.wins, same.ties, same.losses) == (0, 2, 0)
+    assert math.isnan(same.t_pvalue)
+    assert math.isnan(same.wilcoxon_pvalue)
+    assert not same.significant
+    assert (same.wins, same.ties, same.losses) == (0, 2, 0)
     one = paired_comparison([1.0], [2.0], higher_is_better=True)
-    assert math.isnan(one.ci95_low) and not one.significant
+    assert math.isnan(one.ci95_low)
+    assert not one.significant
     assert verdict(one, 1.0) == "not enough seeds"
     with pytest.raises(ValueError, match="same length"):
         paired_comparison([1.0], [1.0, 2.0], higher_is_better=True)
@@ -82,9 +87,13 @@ def test_verdicts():
 def test_curve_stability():
     curve = [9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 1.0, 3.0]
     s = curve_stability(curve, late_fraction=0.25)
-    assert s.epochs == 2 and s.range == 2.0 and s.std == pytest.approx(np.std([1.0, 3.0], ddof=1))
+    assert s.epochs == 2
+    assert s.range == 2.0
+    assert s.std == pytest.approx(np.std([1.0, 3.0], ddof=1))
     s = curve_stability(curve, late_fraction=0.5)
-    assert s.epochs == 4 and s.range == 8.0 and s.std == pytest.approx(np.std(curve[-4:], ddof=1))
+    assert s.epochs == 4
+    assert s.range == 8.0
+    assert s.std == pytest.approx(np.std(curve[-4:], ddof=1))
     with pytest.raises(ValueError, match="at least 2"):
         curve_stability([1.0])
     with pytest.raises(ValueError, match="late_fraction"):
