@@ -70,6 +70,12 @@ def test_cli_experiment_and_demo(tmp_path, capsys):
     assert "(regression/report.md)" in index
     assert "(digits/report.md)" in index
     assert (demo / "digits" / "results.json").is_file()
+    # the report rebuilds from results.json alone, identically
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["report", str(demo / "digits" / "results.json"), "--out", str(rebuilt)]) == 0
+    assert (rebuilt / "report.md").read_text() == (demo / "digits" / "report.md").read_text()
+    assert main(["report", str(demo / "report.md")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -81,6 +87,7 @@ def test_cli_experiment_and_demo(tmp_path, capsys):
         (["experiment", "regression", "--decay", "-0.1"], "--decay must be in [0, 1)"),
         (["experiment", "sweep", "--dataset", "cifar"], "unknown data set 'cifar'"),
         (["demo", "--seeds", "-1"], "--seeds must be >= 1"),
+        (["experiment", "compare", "--lr", "0"], "--lr must be a positive number"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):

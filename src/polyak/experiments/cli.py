@@ -46,11 +46,22 @@ def add_commands(sub: Any) -> None:
     exp.add_argument(
         "--dataset", default=None, help="sweep/compare: regression, digits or mnist1d (default: regression)"
     )
+    exp.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 0.001)")
     exp.add_argument("--samples", type=int, default=None, help="subsample the data set to N samples")
     exp.add_argument("--out", default=None, help="report directory (default: reports/NAME)")
     exp.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     exp.set_defaults(func=run_experiment)
+
+    rep: argparse.ArgumentParser = sub.add_parser(
+        "report",
+        help="rebuild report.md and the plots from a results.json",
+        description="Rebuild report.md, results.json's analysis and the PNG plots of an experiment from its "
+        "results.json (no training), e.g. after changing the report code or to move a report.",
+    )
+    rep.add_argument("results", metavar="RESULTS_JSON", help="a results.json written by polyak experiment")
+    rep.add_argument("--out", default=None, help="report directory (default: the folder of RESULTS_JSON)")
+    rep.set_defaults(func=run_report)
 
 
 def _positive(value: int | None, flag: str) -> None:
@@ -64,6 +75,9 @@ def _options(args: argparse.Namespace) -> Any:
     _positive(args.seeds, "--seeds")
     _positive(getattr(args, "epochs", None), "--epochs")
     _positive(getattr(args, "samples", None), "--samples")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (0.0 < lr < float("inf")):
+        raise ValueError(f"--lr must be a positive number, got {lr}")
     decays = getattr(args, "decay", None)
     for d in decays or ():
         if not 0.0 <= d < 1.0:
@@ -75,6 +89,7 @@ def _options(args: argparse.Namespace) -> Any:
         quick=getattr(args, "quick", False),
         dataset=getattr(args, "dataset", None),
         num_samples=getattr(args, "samples", None),
+        lr=lr,
     )
 
 
@@ -121,4 +136,25 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     index = write_index(out, parts, command=_command(), seconds=time.perf_counter() - start)
     print(f"report: {index}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from polyak.experiments.report import write_experiment
+
+    path = Path(args.results)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        name, arms = data["experiment"], data["arms"]
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a results.json written by polyak experiment (missing {exc})") from exc
+    if name not in EXPERIMENTS:
+        raise ValueError(f"{path}: unknown experiment {name!r}")
+    out = Path(args.out) if args.out else path.parent
+    write_experiment(out, name, arms, command=data.get("command", "?"), seconds=float(data.get("seconds", 0.0)))
+    print(f"report: {out / 'report.md'}")
     return 0

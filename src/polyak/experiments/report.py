@@ -87,6 +87,10 @@ def analyse_arm(arm: dict[str, Any]) -> dict[str, Any]:
         return paired_comparison(avg, raw, higher_is_better=hib, tie_tolerance=tol)
 
     final = {m: cmp(_column(seeds, m, "test"), raw_final) for m in models}
+    raw_loss = _column(seeds, "raw", "test_loss")
+    final_loss = {
+        m: paired_comparison(_column(seeds, m, "test_loss"), raw_loss, higher_is_better=False) for m in models
+    }
     primary = config["averages"][0]["name"]
     patience = int(config["patience"])
     stops = {
@@ -124,6 +128,7 @@ def analyse_arm(arm: dict[str, Any]) -> dict[str, Any]:
         "tie_tolerance": tol,
         "late_epochs": raw_stab["val"][0].epochs,
         "final": final,
+        "final_loss": final_loss,
         "early_stopping": early,
         "stop_epochs": {m: [e + 1 for _, e in v] for m, v in stops.items()},
         "best_epochs": {"raw": [b + 1 for b in raw_best], primary: [b + 1 for b in avg_best]},
@@ -284,7 +289,7 @@ def write_experiment(
             f"## {name}: {label}",
             "",
             f"{len(seeds)} seeds, {config['epochs']} epochs ({seeds[0]['steps']} steps), data set "
-            f"`{config['dataset']}`, MLP {config['hidden']}{' with BatchNorm' if config['batchnorm'] else ''}, "
+            f"`{config['dataset']}`, MLP hidden widths {'-'.join(str(h) for h in config['hidden'])}{' with BatchNorm' if config['batchnorm'] else ''}, "
             f"Adam lr {config['lr']} ({config['lr_schedule']}), batch {config['batch_size']}.",
             "",
         ]
@@ -292,6 +297,14 @@ def write_experiment(
             lines += _sweep_section(arm, a, out_dir, plots)
             continue
         lines += [f"### {metric} at the last epoch", "", *_table(a["final"], "model"), ""]
+        if hib:
+            lines += [
+                "Test cross-entropy at the last epoch (finer than accuracy, which moves in steps of one test "
+                "sample; W/T/L without a tie band):",
+                "",
+                *_table(a["final_loss"], "model"),
+                "",
+            ]
         lines += [
             f"### Early stopping (patience {config['patience']} epochs on the validation "
             f"{'accuracy' if hib else 'MSE'}, best epoch kept), {a['primary']} vs raw",
@@ -301,6 +314,10 @@ def write_experiment(
             f"Stop epochs (raw): {a['stop_epochs']['raw']}; ({a['primary']}): {a['stop_epochs'][a['primary']]}.",
             "",
             f"### Curve stability over the last {a['late_epochs']} epochs (lower is steadier)",
+            "",
+            "Std and max−min of each seed's validation curve over the late epochs, then paired over seeds. "
+            "Both measures include any trend: a curve still improving (or an average still catching up) "
+            "counts as unsteady.",
             "",
         ]
         stab_rows: dict[str, PairedComparison] = {}

@@ -34,6 +34,7 @@ class Options:
     num_samples: int | None = None  # subsample (tests)
     hidden: tuple[int, ...] | None = None  # model widths (tests)
     first_seed: int = 0
+    lr: float | None = None  # Adam learning rate (default 1e-3)
 
 
 def _averages(decays: Sequence[float]) -> tuple[AverageSpec, ...]:
@@ -46,6 +47,13 @@ def _default_hidden(dataset: str) -> tuple[int, ...]:
 
 def build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
     """The ``(label, config)`` arms of experiment ``name``."""
+    arms = _build_arms(name, opts)
+    if opts.lr is not None:
+        arms = [(label, replace(cfg, lr=opts.lr)) for label, cfg in arms]
+    return arms
+
+
+def _build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     decays = opts.decays or (0.99, 0.999)
