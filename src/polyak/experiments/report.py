@@ -280,6 +280,8 @@ def write_experiment(
         lines += ["## Claims from the literature", "", "| claim | setting | ours | verdict |", "|---|---|---|---|"]
         lines += [f"| {r['claim']} | {r['setting']} | {r['ours']} | **{r['verdict']}** |" for r in claim_rows]
         lines += [""]
+    if name == "compare":
+        lines += _compare_summary(results, analysis)
     for label, arm in results.items():
         a = analysis[label]
         config, seeds = arm["config"], arm["seeds"]
@@ -368,6 +370,30 @@ def write_experiment(
     return {"analysis": analysis, "claims": claim_rows}
 
 
+def _compare_summary(results: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> list[str]:
+    """One row per arm (LR schedule): raw, each average, and the average's paired difference."""
+    first = next(iter(results.values()))
+    metric, _ = _metric(first["config"])
+    models = [m for m in first["seeds"][0]["curves"] if m != "raw"]
+    lines = [
+        f"## Summary: {metric} at the last epoch (mean ± std over seeds)",
+        "",
+        "| LR schedule | raw | " + " | ".join(f"{m} | {m} − raw [95% CI], W/T/L" for m in models) + " |",
+        "|---|---|" + "---|---|" * len(models),
+    ]
+    for label in results:
+        final = analysis[label]["final"]
+        raw = final[models[0]].raw
+        cells = [
+            f"{_fmt(final[m].averaged.mean)} ± {_fmt(final[m].averaged.std)} | {_fmt(final[m].mean_diff)} "
+            f"[{_fmt(final[m].ci95_low)}, {_fmt(final[m].ci95_high)}], "
+            f"{final[m].wins}/{final[m].ties}/{final[m].losses}"
+            for m in models
+        ]
+        lines.append(f"| {label} | {_fmt(raw.mean)} ± {_fmt(raw.std)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _sweep_section(arm: dict[str, Any], a: dict[str, Any], out_dir: Path, plots: Any) -> list[str]:
     from polyak.experiments.runner import make_schedule
 
@@ -406,13 +432,20 @@ def _sweep_section(arm: dict[str, Any], a: dict[str, Any], out_dir: Path, plots:
         out_dir / "sweep.png",
         log_y=config["dataset"] == "regression",
     )
+    long = [d for d in decays if 1.0 / (1.0 - d) > steps]
+    carried = ", ".join(f"{d}^{steps} = {d**steps:.2f}" for d in long)
     lines += [
         "",
-        f"The traps: on a {steps}-step run the (1+t)/(10+t) warm-up caps every decay at "
-        f"{(1 + steps) / (10 + steps):.4f}, and 1-exp(-t/2000) reaches only {1 - math.exp(-steps / 2000):.3f} of "
-        "its target, so those averages stay close to the raw weights whatever decay was asked for; a constant "
-        f"decay whose horizon 1/(1-decay) exceeds the run (0.999 and 0.9999 here) still carries the initial weights "
-        f"(weight 0.999^{steps} = {0.999**steps:.2f} and 0.9999^{steps} = {0.9999**steps:.2f} on them).",
+        f"The traps: on a {steps}-step run the (1+t)/(10+t) warm-up caps every decay above "
+        f"{(1 + steps) / (10 + steps):.4f} at that value, and 1-exp(-t/2000) reaches only "
+        f"{1 - math.exp(-steps / 2000):.3f} of its target, so those averages follow the raw weights closely "
+        "whatever decay was asked for."
+        + (
+            f" A constant decay whose horizon 1/(1-decay) exceeds the run still carries the initial weights "
+            f"(their weight: {carried})."
+            if long
+            else ""
+        ),
         "",
         f"![sweep]({png.name})",
         "",
