@@ -25,17 +25,21 @@ def plot_curves(
     import numpy as np
 
     plt = _pyplot()
+    log_y = "loss" in key or "MSE" in ylabel
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
     for name in models:
         values = np.array([s["curves"][name][key] for s in seeds], dtype=float)
         epochs = np.arange(1, values.shape[1] + 1)
         mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
         ax.plot(epochs, mean, label=name, lw=1.4)
-        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+        low = mean - std
+        if log_y:  # a band reaching below 0 cannot be drawn on a log axis: clip it at the smallest value seen
+            low = np.maximum(low, np.nanmin(values))
+        ax.fill_between(epochs, low, mean + std, alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    if "loss" in key or "MSE" in ylabel:
+    if log_y:
         ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

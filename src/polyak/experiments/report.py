@@ -150,7 +150,8 @@ def claims(name: str, analysis: dict[str, dict[str, Any]]) -> list[dict[str, str
                     "claim": "test MSE -20% (make_regression MLP)",
                     "setting": f"{p}, {setting}",
                     "ours": f"{_pct(c.relative_change)} (95% CI {_pct(c.ci95_low / c.raw.mean)} to "
-                    f"{_pct(c.ci95_high / c.raw.mean)}), W/T/L {c.wins}/{c.ties}/{c.losses}",
+                    f"{_pct(c.ci95_high / c.raw.mean)}), Wilcoxon p {_p(c.wilcoxon_pvalue)}, "
+                    f"W/T/L {c.wins}/{c.ties}/{c.losses}",
                     "verdict": verdict(c, -0.20 * c.raw.mean),
                 }
             )
@@ -173,7 +174,7 @@ def claims(name: str, analysis: dict[str, dict[str, Any]]) -> list[dict[str, str
                     "claim": "+1.4 points on small data sets",
                     "setting": f"{name} {arm_label}, {p}, final epoch",
                     "ours": f"{c.mean_diff:+.2f} points (95% CI {c.ci95_low:+.2f} to {c.ci95_high:+.2f}), "
-                    f"W/T/L {c.wins}/{c.ties}/{c.losses}",
+                    f"Wilcoxon p {_p(c.wilcoxon_pvalue)}, W/T/L {c.wins}/{c.ties}/{c.losses}",
                     "verdict": verdict(c, 1.4),
                 }
             )
