@@ -62,7 +62,12 @@ def test_cli_experiment_and_demo(tmp_path, capsys):
     args = ["experiment", "regression", "--seeds", "2", "--epochs", "2", "--samples", "60"]
     assert main([*args, "--decay", "0.9", "--out", str(out), "--quiet"]) == 0
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} >= {"report.md", "results.json", "curves_mlp.png", "per_seed_mlp.png"}
+    assert {p.name for p in out.iterdir()} >= {
+        "report.md",
+        "results.json",
+        "curves_mlp_lr_0.001.png",
+        "per_seed_mlp_lr_0.01.png",
+    }
     demo = tmp_path / "demo"
     assert main(["demo", "--seeds", "2", "--epochs", "2", "--samples", "60", "--out", str(demo), "--quiet"]) == 0
     assert f"report: {demo / 'report.md'}" in capsys.readouterr().out

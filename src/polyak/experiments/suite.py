@@ -2,7 +2,7 @@
 
 | experiment | arms (one model per seed each) | averages |
 |---|---|---|
-| regression | MLP 20-64-32-1 on make_regression | EMA at each ``--decay`` |
+| regression | MLP 20-64-32-1 on make_regression, Adam lr 1e-3 and 1e-2 | EMA at each ``--decay`` |
 | digits, mnist1d | MLP, and MLP with BatchNorm | EMA at each decay; BN: stale / averaged / recomputed statistics |
 | sweep | one MLP | decays x warm-ups (constant, (1+t)/(10+t), 1-exp(-t/2000)) in one EMA |
 | compare | constant LR, cosine LR | EMA, SWA (uniform average over the last 25% of steps) |
@@ -60,7 +60,11 @@ def _build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
     if name == "regression":
         epochs = opts.epochs or (40 if opts.quick else 100)
         base = RunConfig("regression", opts.hidden or (64, 32), _averages(decays), epochs, patience=10)
-        return [("mlp", replace(base, num_samples=opts.num_samples))]
+        base = replace(base, num_samples=opts.num_samples)
+        if opts.lr is not None:
+            return [(f"mlp, lr {opts.lr:g}", base)]
+        # the same MLP at Adam's default step and at a 10x larger, noisier one: when does averaging help?
+        return [("mlp, lr 0.001", base), ("mlp, lr 0.01", replace(base, lr=0.01))]
     if name in ("digits", "mnist1d"):
         epochs = opts.epochs or {"digits": (20 if opts.quick else 40), "mnist1d": (30 if opts.quick else 60)}[name]
         base = RunConfig(name, opts.hidden or _default_hidden(name), _averages(decays), epochs, patience=10)
