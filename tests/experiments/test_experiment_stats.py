@@ -80,6 +80,11 @@ def test_verdicts():
     assert verdict(better, -0.5) == "direction only (size differs)"
     worse = paired_comparison(RAW, AVG, higher_is_better=False)
     assert verdict(worse, -0.1).startswith("does not reproduce (averaging is worse)")
+    # one huge raw outlier: the t-interval includes 0, the signed-rank test does not
+    skewed = paired_comparison([1.0] * 9 + [1.0], [1.1] * 9 + [30.0], higher_is_better=False)
+    assert not skewed.significant
+    assert skewed.wilcoxon_pvalue < 0.05
+    assert verdict(skewed, -0.5).startswith("inconclusive")
     noisy = paired_comparison([1.0, 2.0, 1.0, 2.0], [1.5, 1.5, 1.5, 1.5], higher_is_better=True)
     assert verdict(noisy, 1.0) == "does not reproduce (no significant difference)"
 

@@ -10,7 +10,8 @@ Claims checked (from articles about EMA, each from a single run):
 
 A verdict is "reproduces" when the 95% interval of the paired difference excludes 0 on the good side and
 contains the claimed effect; "direction only" when it excludes 0 on the good side but not the claimed
-size; otherwise "does not reproduce" (no significant difference, or significantly worse).
+size; "inconclusive" when the t-interval includes 0 but the Wilcoxon test rejects (heavy-tailed
+differences); otherwise "does not reproduce" (no significant difference, or significantly worse).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def verdict(cmp: PairedComparison, claimed_diff: float) -> str:
         return "direction only (size differs)"
     if cmp.worsens:
         return "does not reproduce (averaging is worse)"
+    if cmp.wilcoxon_pvalue < 0.05:  # NaN compares False
+        return "inconclusive (the t-interval includes 0, the Wilcoxon test says p < 0.05)"
     return "does not reproduce (no significant difference)"
 
 
