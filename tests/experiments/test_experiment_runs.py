@@ -93,6 +93,9 @@ def test_cli_experiment_and_demo(tmp_path, capsys):
         (["experiment", "sweep", "--dataset", "cifar"], "unknown data set 'cifar'"),
         (["demo", "--seeds", "-1"], "--seeds must be >= 1"),
         (["experiment", "compare", "--lr", "0"], "--lr must be a positive number"),
+        (["experiment", "digits", "--epochs", "1"], "--epochs must be >= 2"),
+        (["experiment", "digits", "--samples", "10"], "--samples must be >= 40"),
+        (["experiment", "regression", "--decay", "0.9", "0.9"], "lists a value twice"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
@@ -101,6 +104,14 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
     assert message in err
     assert err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    assert main(["experiment", "regression", "--out", str(target)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
 
 
 def test_cli_help_imports_nothing_heavy():

@@ -64,17 +64,25 @@ def add_commands(sub: Any) -> None:
     rep.set_defaults(func=run_report)
 
 
-def _positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{flag} must be >= 1, got {value}")
+def _positive(value: int | None, flag: str, minimum: int = 1, why: str = "") -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}{why}, got {value}")
+
+
+def _out_dir(path: Path) -> Path:
+    """Create the report folder before any training, so a bad --out fails in a second, not after an hour."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} exists and is not a folder; choose another path")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _options(args: argparse.Namespace) -> Any:
     from polyak.experiments.suite import Options
 
     _positive(args.seeds, "--seeds")
-    _positive(getattr(args, "epochs", None), "--epochs")
-    _positive(getattr(args, "samples", None), "--samples")
+    _positive(getattr(args, "epochs", None), "--epochs", 2, " (curve stability needs two epochs)")
+    _positive(getattr(args, "samples", None), "--samples", 40, " (each of the 70/15/15 parts needs a few samples)")
     lr = getattr(args, "lr", None)
     if lr is not None and not (0.0 < lr < float("inf")):
         raise ValueError(f"--lr must be a positive number, got {lr}")
@@ -82,6 +90,8 @@ def _options(args: argparse.Namespace) -> Any:
     for d in decays or ():
         if not 0.0 <= d < 1.0:
             raise ValueError(f"--decay must be in [0, 1), got {d}")
+    if decays and len(set(decays)) != len(decays):
+        raise ValueError(f"--decay lists a value twice: {decays}")
     return Options(
         seeds=args.seeds,
         epochs=getattr(args, "epochs", None),
@@ -109,7 +119,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")
     opts = _options(args)
     arms = build_arms(args.name, opts)
-    out = Path(args.out or f"reports/{args.name}")
+    out = _out_dir(Path(args.out or f"reports/{args.name}"))
     start = time.perf_counter()
     results = run_arms(arms, opts, progress=_progress(args), title=args.name)
     write_experiment(out, args.name, results, command=_command(), seconds=time.perf_counter() - start)
@@ -125,7 +135,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     opts = replace(opts, quick=True)
-    out = Path(args.out)
+    out = _out_dir(Path(args.out))
     start = time.perf_counter()
     parts: dict[str, dict[str, Any]] = {}
     for name in ("regression", "digits"):
