@@ -13,13 +13,13 @@ from polyak.experiments.suite import EXPERIMENTS
 
 __all__ = ["add_commands"]
 
-DEMO_SEEDS = 5
+DEMO_SEEDS = 8
 
 
 def add_commands(sub: Any) -> None:
     demo: argparse.ArgumentParser = sub.add_parser(
         "demo",
-        help="quick report: does averaging help? (regression + digits, 5 seeds, ~1 minute)",
+        help="quick report: does averaging help? (regression + digits, 8 seeds, about a minute)",
         description="Run quick versions of the regression and digits experiments and write a report "
         "(report.md, results.json, PNG plots) that says which published claims about EMA reproduce.",
     )

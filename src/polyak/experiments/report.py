@@ -471,7 +471,9 @@ def write_index(out_dir: Path, parts: dict[str, dict[str, Any]], *, command: str
         "# polyak demo: does averaging help?",
         "",
         f"Command: `{command}`; machine: {platform.machine()} CPU, {_cpus()} cores; wall time {seconds:.0f} s.",
-        "This is the quick version (few seeds and epochs); `polyak experiment NAME` runs the full ones.",
+        "This is the quick version (fewer seeds, fewer epochs); `polyak experiment NAME` runs the full ones. "
+        "Short runs favour the raw model: an average lags behind weights that are still improving. With n "
+        "seeds the two-sided Wilcoxon p-value cannot go below 2/2^n (0.0625 for 5 seeds).",
         "",
         "| claim | setting | ours | verdict |",
         "|---|---|---|---|",
