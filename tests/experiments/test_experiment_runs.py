@@ -131,3 +131,17 @@ def test_cli_help_imports_nothing_heavy():
 def test_report_path_is_printed_for_make_demo():
     makefile = (Path(__file__).parents[2] / "Makefile").read_text()
     assert "polyak demo --out reports/demo" in makefile
+
+
+def test_example_measure_averaging_runs():
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "examples" / "measure_averaging.py"
+    spec = importlib.util.spec_from_file_location("measure_averaging", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw, averaged = module.run(seed=0, epochs=2)
+    assert raw > 0
+    assert len(averaged) == len(module.DECAYS)

@@ -304,6 +304,18 @@ def write_experiment(
         if name == "sweep":
             lines += _sweep_section(arm, a, out_dir, plots)
             continue
+        if config["batchnorm"]:
+            p = a["primary"]
+            lines += [
+                "BatchNorm: `" + p + "` evaluates the averaged weights with averaged running statistics (the default "
+                "`buffers='average'`), `"
+                + p
+                + "_stale` with the raw model's running statistics (`buffers='copy'`), `"
+                + p
+                + "_recomputed` with statistics recomputed on the training data by `polyak.update_bn` "
+                "inside `with ema.apply():`.",
+                "",
+            ]
         lines += [f"### {metric} at the last epoch", "", *_table(a["final"], "model"), ""]
         if hib:
             lines += [
@@ -333,18 +345,6 @@ def write_experiment(
             stab_rows[f"{m}: std of val loss"] = s["val_loss_std"]
             stab_rows[f"{m}: max−min of val {'accuracy' if hib else 'MSE'}"] = s["val_metric_range"]
         lines += [*_table(stab_rows, "model: measure"), ""]
-        if config["batchnorm"]:
-            p = a["primary"]
-            lines += [
-                "BatchNorm: `" + p + "` evaluates the averaged weights with averaged running statistics (the default "
-                "`buffers='average'`), `"
-                + p
-                + "_stale` with the raw model's running statistics (`buffers='copy'`), `"
-                + p
-                + "_recomputed` with statistics recomputed on the training data by `polyak.update_bn` "
-                "inside `with ema.apply():`.",
-                "",
-            ]
         models = list(seeds[0]["curves"])
         curves_png = plots.plot_curves(
             seeds,
