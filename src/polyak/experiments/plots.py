@@ -1,0 +1,105 @@
+"""PNG plots of experiment results (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_curves", "plot_per_seed", "plot_sweep"]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(
+    seeds: Sequence[dict[str, Any]], models: Sequence[str], key: str, ylabel: str, title: str, path: Path
+) -> Path:
+    """Mean ± one std band over seeds of curve ``key`` (e.g. ``val``) per epoch, one line per model."""
+    import numpy as np
+
+    plt = _pyplot()
+    log_y = "loss" in key or "MSE" in ylabel
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    for name in models:
+        values = np.array([s["curves"][name][key] for s in seeds], dtype=float)
+        epochs = np.arange(1, values.shape[1] + 1)
+        mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+        ax.plot(epochs, mean, label=name, lw=1.4)
+        low = mean - std
+        if log_y:  # a band reaching below 0 cannot be drawn on a log axis: clip it at the smallest value seen
+            low = np.maximum(low, np.nanmin(values))
+        ax.fill_between(epochs, low, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if log_y:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_per_seed(
+    raw: Sequence[float], averaged: dict[str, Sequence[float]], ylabel: str, title: str, path: Path
+) -> Path:
+    """Final metric per seed: raw vs each averaged model, one marker per seed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=90)
+    seeds = range(len(raw))
+    ax.plot(seeds, raw, "o-", label="raw", color="black", lw=1)
+    for name, values in averaged.items():
+        ax.plot(seeds, values, "s--", label=name, lw=1, ms=4)
+    ax.set_xlabel("seed")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(
+    decays: Sequence[float],
+    rows: dict[str, tuple[Sequence[float], Sequence[float]]],
+    raw: tuple[float, float],
+    ylabel: str,
+    title: str,
+    path: Path,
+    *,
+    log_y: bool,
+) -> Path:
+    """Final metric (mean ± std over seeds) against decay, one line per warm-up schedule; raw as a band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    x = [1.0 - d for d in decays]
+    for label, (means, stds) in rows.items():
+        ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=label, lw=1.2)
+    ax.axhline(raw[0], color="black", lw=1, label="raw")
+    ax.axhspan(raw[0] - raw[1], raw[0] + raw[1], color="black", alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(d) for d in decays])
+    ax.invert_xaxis()
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("decay")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

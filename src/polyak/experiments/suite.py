@@ -1,0 +1,129 @@
+"""The named experiments: which arms (training set-ups) each trains per seed, and the loop over seeds.
+
+| experiment | arms (one model per seed each) | averages |
+|---|---|---|
+| regression | MLP 20-64-32-1 on make_regression, Adam lr 1e-3 and 1e-2 | EMA at each ``--decay`` |
+| digits, mnist1d | MLP, and MLP with BatchNorm | EMA at each decay; BN: stale / averaged / recomputed statistics |
+| sweep | one MLP | decays x warm-ups (constant, (1+t)/(10+t), 1-exp(-t/2000)) in one EMA |
+| compare | constant LR, cosine LR | EMA, SWA (uniform average over the last 25% of steps) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from polyak.experiments.runner import AverageSpec, RunConfig, train_seed
+
+__all__ = ["EXPERIMENTS", "Options", "build_arms", "run_arms"]
+
+EXPERIMENTS: tuple[str, ...] = ("regression", "digits", "mnist1d", "sweep", "compare")
+SWEEP_DECAYS: tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999)
+
+
+@dataclass(frozen=True)
+class Options:
+    """User choices shared by every experiment; ``None`` means the experiment's default."""
+
+    seeds: int = 10
+    epochs: int | None = None
+    decays: tuple[float, ...] | None = None
+    quick: bool = False
+    dataset: str | None = None  # sweep/compare: which data set
+    num_samples: int | None = None  # subsample (tests)
+    hidden: tuple[int, ...] | None = None  # model widths (tests)
+    first_seed: int = 0
+    lr: float | None = None  # Adam learning rate (default 1e-3)
+
+
+def _averages(decays: Sequence[float]) -> tuple[AverageSpec, ...]:
+    return tuple(AverageSpec(f"ema{d:g}", "constant", d) for d in decays)
+
+
+def _default_hidden(dataset: str) -> tuple[int, ...]:
+    return {"regression": (64, 32), "digits": (128, 64), "mnist1d": (256, 128)}[dataset]
+
+
+def build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
+    """The ``(label, config)`` arms of experiment ``name``."""
+    arms = _build_arms(name, opts)
+    if opts.lr is not None:
+        arms = [(label, replace(cfg, lr=opts.lr)) for label, cfg in arms]
+    return arms
+
+
+def _build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    decays = opts.decays or (0.99, 0.999)
+    if name == "regression":
+        epochs = opts.epochs or (40 if opts.quick else 100)
+        base = RunConfig("regression", opts.hidden or (64, 32), _averages(decays), epochs, patience=10)
+        base = replace(base, num_samples=opts.num_samples)
+        if opts.lr is not None:
+            return [(f"mlp, lr {opts.lr:g}", base)]
+        # the same MLP at Adam's default step and at a 10x larger, noisier one: when does averaging help?
+        return [("mlp, lr 0.001", base), ("mlp, lr 0.01", replace(base, lr=0.01))]
+    if name in ("digits", "mnist1d"):
+        epochs = opts.epochs or {"digits": (20 if opts.quick else 40), "mnist1d": (30 if opts.quick else 60)}[name]
+        base = RunConfig(name, opts.hidden or _default_hidden(name), _averages(decays), epochs, patience=10)
+        base = replace(base, num_samples=opts.num_samples)
+        return [("mlp", base), ("mlp+batchnorm", replace(base, batchnorm=True, bn_variants=True))]
+    dataset = opts.dataset or "regression"
+    if dataset not in _DATASET_NAMES:
+        raise ValueError(f"unknown data set {dataset!r}; choose one of {', '.join(_DATASET_NAMES)}")
+    hidden = opts.hidden or _default_hidden(dataset)
+    if name == "sweep":
+        # ~20 regression epochs = 440 steps: the short run on which warm-ups and high decays misbehave.
+        epochs = opts.epochs or (10 if opts.quick else 20)
+        sweep_decays = opts.decays or SWEEP_DECAYS
+        averages = tuple(
+            AverageSpec(f"{kind}{d:g}", kind, d, 2000.0)
+            for kind in ("constant", "num_updates", "ultralytics")
+            for d in sweep_decays
+        )
+        return [("sweep", RunConfig(dataset, hidden, averages, epochs, num_samples=opts.num_samples))]
+    # compare
+    epochs = opts.epochs or (30 if opts.quick else 60)
+    base = RunConfig(dataset, hidden, _averages(decays[:1]), epochs, swa_start=0.75, num_samples=opts.num_samples)
+    return [("constant LR", base), ("cosine LR", replace(base, lr_schedule="cosine"))]
+
+
+_DATASET_NAMES = ("regression", "digits", "mnist1d")
+
+
+def run_arms(
+    arms: Sequence[tuple[str, RunConfig]], opts: Options, *, progress: bool, title: str = ""
+) -> dict[str, dict[str, Any]]:
+    """Train every arm on seeds ``first_seed .. first_seed + seeds - 1``; a rich progress bar when asked."""
+    from polyak.experiments.datasets import load
+
+    seeds = list(range(opts.first_seed, opts.first_seed + opts.seeds))
+    results: dict[str, dict[str, Any]] = {label: {"config": cfg.as_dict(), "seeds": []} for label, cfg in arms}
+    total = len(seeds) * len(arms)
+    bar: Any = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        )
+        bar.start()
+        task = bar.add_task(title, total=total)
+    try:
+        for seed in seeds:
+            cache: dict[tuple[str, int | None], Any] = {}
+            for label, cfg in arms:
+                if bar is not None:
+                    bar.update(task, description=f"{title} {label} seed {seed}")
+                key = (cfg.dataset, cfg.num_samples)
+                if key not in cache:
+                    cache[key] = load(cfg.dataset, seed, cfg.num_samples)
+                results[label]["seeds"].append(train_seed(cfg, seed, cache[key]))
+                if bar is not None:
+                    bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return results
