@@ -290,7 +290,7 @@ class EMA:
         try:
             sources = [self._flat_source(group) for group in self._groups]
             check = self.nonfinite != "ignore"
-            if check and any(g.device.type == "cuda" or g.sources[0].device.type == "cuda" for g in self._groups):
+            if check and self._check_on_device():
                 self._fold_masked(sources, weights, decays)
                 return True
             if check and not self._all_finite_on_host(sources):
@@ -304,6 +304,10 @@ class EMA:
             self._verify_model(strict_identity=False)  # raises a clear error if the model changed
             raise
         return True
+
+    def _check_on_device(self) -> bool:
+        """True when the finiteness flag lives on a CUDA device (read it later, never in update())."""
+        return any(g.device.type == "cuda" or g.sources[0].device.type == "cuda" for g in self._groups)
 
     def _refresh_plan(self, group: Group) -> None:
         if group.plan == "foreach" or not sources_moved(group):
@@ -346,16 +350,22 @@ class EMA:
         ]
         return self._refuse(bad, self.step + 1)
 
-    def _refuse(self, bad: list[str], step: int) -> bool:
-        """Apply the policy to a non-finite update: count and log it ("skip") or raise ("raise")."""
+    def _refuse(self, bad: list[str] | None, step: int) -> bool:
+        """Apply the policy to a non-finite update: count and log it ("skip") or raise ("raise").
+        ``bad`` names the tensors, or is None when the check ran on the device (tensors not identified)."""
+        where = (
+            f"in {len(bad)} weight tensor(s): {bad[:10]}{' ...' if len(bad) > 10 else ''}"
+            if bad is not None
+            else "in the weights (checked on the device without naming the tensors)"
+        )
         if self.nonfinite == "skip":
             self.skipped_updates += 1
-            log.warning("polyak: skipped EMA update at step %d: NaN/inf in %s", step, bad[:10])
+            log.warning("polyak: skipped EMA update at step %d: NaN/inf %s", step, where)
             return False
         raise ValueError(
-            f"non-finite values (NaN or inf) in {len(bad)} weight tensor(s): {bad[:10]}"
-            f"{' ...' if len(bad) > 10 else ''} at update step {step}; the average was left unchanged. Fix the divergence (lower the "
-            "learning rate, clip gradients) or build the EMA with nonfinite='skip' to skip such updates."
+            f"non-finite values (NaN or inf) {where} at update step {step}; the average was left unchanged. "
+            "Fix the divergence (lower the learning rate, clip gradients) or build the EMA with "
+            "nonfinite='skip' to skip such updates."
         )
 
     def _fold_masked(
@@ -403,7 +413,7 @@ class EMA:
                 self._products = [p / d if d > 0.0 else p for p, d in zip(self._products, decays)]
             if self.nonfinite == "raise":
                 self._pending.clear()
-            self._refuse(["(checked on the device: call ema.synchronize() after update() to stop there)"], step)
+            self._refuse(None, step)
 
     def synchronize(self) -> None:
         """Wait for pending device-side finiteness checks and act on them (raise, or count and log skips).
