@@ -283,7 +283,7 @@ def test_attach_updates_after_each_optimizer_step_and_detach_stops() -> None:
     opt.step()
     assert ema.step == 3
     handle.remove()  # removing twice is harmless
-    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
         ema.attach(model)  # type: ignore[arg-type]
 
 
