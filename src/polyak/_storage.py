@@ -113,8 +113,13 @@ def _gatherable(group: Group) -> bool:
     )
 
 
-def plan_group(group: Group, num_averages: int, *, force_gather: bool = False) -> None:
-    """Choose how ``update()`` reads this group's sources, and cache what that plan needs."""
+def plan_group(group: Group, num_averages: int, *, check: bool, force_gather: bool = False) -> None:
+    """Choose how ``update()`` reads this group's sources, and cache what that plan needs.
+
+    Gathering small tensors pays when the flat source is read more than once: by K > 1 averages or by
+    the finiteness ``check`` (one ``aminmax`` on the flat source instead of one per tensor). For one
+    unchecked average, one ``_foreach_lerp_`` costs about the same as the ``cat`` alone, so it stays.
+    """
     group.source_flat = None
     group.scratch = None
     group.source_views = []
@@ -123,7 +128,8 @@ def plan_group(group: Group, num_averages: int, *, force_gather: bool = False) -
     if not group.sources or not _gatherable(group):
         return
     mean = group.numel / len(group.sources)
-    if not (force_gather or mean < GATHER_MEAN_NUMEL):
+    small = mean < GATHER_MEAN_NUMEL and (num_averages > 1 or check)
+    if not (force_gather or small):
         return
     _cache_views(group)
     group.scratch = torch.empty(group.numel, dtype=group.dtype, device=group.device)

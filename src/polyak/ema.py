@@ -108,7 +108,8 @@ class EMA:
             warning and falls back to the default path: the average is never read from a stale buffer.
 
     Layout and speed: shadows live in one ``(K, N)`` buffer per (device, dtype). Groups of many small
-    tensors are gathered with one ``torch.cat`` per update and updated by flat ``lerp_`` calls; groups of
+    tensors are gathered with one ``torch.cat`` per update (when K > 1 or the NaN check reads the flat
+    source too) and updated by flat ``lerp_`` calls; groups of
     large tensors use ``_foreach_lerp_`` (K = 1) or a cache-blocked per-tensor loop (K > 1) that reads each
     weight from memory about once for all K averages. Every path runs the reference arithmetic
     ``shadow.lerp_(weight.to(shadow.dtype), 1 - beta)`` and gives the same bits.
@@ -198,7 +199,7 @@ class EMA:
     def _plan(self, group: Group) -> None:
         # On CUDA the finiteness check masks the update on the device, which needs a flat source.
         masked = group.device.type == "cuda" and self.nonfinite != "ignore"
-        plan_group(group, self.num_averages, force_gather=masked)
+        plan_group(group, self.num_averages, check=self.nonfinite != "ignore", force_gather=masked)
 
     @property
     def update_plans(self) -> list[tuple[str, str, str, int]]:

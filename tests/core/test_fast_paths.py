@@ -354,3 +354,13 @@ def test_cuda_update_never_syncs_and_masks_nan(num_averages: int) -> None:
     with pytest.raises(ValueError, match="non-finite"):
         ema.synchronize()
     assert_same_bits(ema, ref)
+
+
+@pytest.mark.parametrize("num_averages", [1, 3])
+def test_unchecked_updates_gather_only_for_several_averages(num_averages: int) -> None:
+    model = make_model(torch.bfloat16)
+    decays = DECAYS[num_averages]
+    ref = Reference(model, decays)
+    ema = EMA(model, decay=decays, nonfinite="ignore")
+    assert ema.update_plans[0][2] == ("foreach" if num_averages == 1 else "gather")
+    run_both(ema, ref, model)
