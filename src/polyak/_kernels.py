@@ -43,14 +43,21 @@ def lerp_(shadows: Sequence[Tensor], sources: Sequence[Tensor], weight: float) -
     torch._foreach_lerp_(list(shadows), srcs, weight)
 
 
-def lerp_tensor_major_(views: Sequence[Sequence[Tensor]], sources: Sequence[Tensor], weights: Sequence[float]) -> None:
+def lerp_tensor_major_(
+    views: Sequence[list[Tensor]], sources: list[Tensor], weights: Sequence[float], *, same_dtype: bool = False
+) -> None:
     """``views[k][i] <- lerp(views[k][i], sources[i], weights[k])`` for every k, one tensor at a time.
 
-    With K = 1 this is one ``_foreach_lerp_``. With K > 1 all K averages of tensor i are updated while
-    tensor i is in cache, so memory traffic is ~4 + 8K bytes per fp32 weight instead of 12K.
+    With K = 1 this is one ``_foreach_lerp_`` (``same_dtype``: the caller knows that no source needs a
+    cast, so the per-tensor dtype scan is skipped; ``_foreach_lerp_`` itself raises on a mismatch). With
+    K > 1 all K averages of tensor i are updated while tensor i is in cache, so memory traffic is
+    ~4 + 8K bytes per fp32 weight instead of 12K.
     """
     if len(views) == 1:
-        lerp_(views[0], sources, weights[0])
+        if same_dtype and weights[0] != 1.0 and sources:
+            torch._foreach_lerp_(views[0], sources, weights[0])
+        else:
+            lerp_(views[0], sources, weights[0])
         return
     if not sources:
         return

@@ -43,6 +43,7 @@ class Group:
     plan: Plan = "foreach"
     source_views: list[Tensor] = field(default_factory=list)  # detached 1-D views of the sources
     source_ptrs: list[int] = field(default_factory=list)  # their data_ptr(), to detect re-assignment
+    same_dtype: bool = False  # every source already has the shadow's dtype and device
     scratch: Tensor | None = None  # (N,) gather buffer in the shadow dtype ("gather")
     source_flat: Tensor | None = None  # (N,) buffer that the sources are views of ("flat")
 
@@ -125,6 +126,8 @@ def plan_group(group: Group, num_averages: int, *, check: bool, force_gather: bo
     group.source_views = []
     group.source_ptrs = []
     group.plan = "foreach"
+    group.same_dtype = all(s.dtype == group.dtype and s.device == group.device for s in group.sources)
+    group.source_ptrs = [s.data_ptr() for s in group.sources]  # re-planned when a source moves
     if not group.sources or not _gatherable(group):
         return
     mean = group.numel / len(group.sources)

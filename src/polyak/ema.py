@@ -298,7 +298,7 @@ class EMA:
                 return False
             for group, src in zip(self._groups, sources):
                 if src is None:
-                    _kernels.lerp_tensor_major_(group.views, group.sources, weights)
+                    _kernels.lerp_tensor_major_(group.views, group.sources, weights, same_dtype=group.same_dtype)
                 else:
                     _kernels.lerp_rows_(group.flat, src, weights)
         except RuntimeError:
@@ -311,7 +311,7 @@ class EMA:
         return any(g.device.type == "cuda" or g.sources[0].device.type == "cuda" for g in self._groups)
 
     def _refresh_plan(self, group: Group) -> None:
-        if group.plan == "foreach" or not sources_moved(group):
+        if not sources_moved(group):
             return
         for key, src, view in zip(group.keys, group.sources, group.views[0]):
             if src.shape != view.shape:

@@ -364,3 +364,15 @@ def test_unchecked_updates_gather_only_for_several_averages(num_averages: int) -
     ema = EMA(model, decay=decays, nonfinite="ignore")
     assert ema.update_plans[0][2] == ("foreach" if num_averages == 1 else "gather")
     run_both(ema, ref, model)
+
+
+def test_a_model_cast_after_construction_is_followed_on_every_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.half()`` re-points every tensor: the shadows (float32) keep averaging the new values."""
+    monkeypatch.setattr(_storage, "GATHER_MEAN_NUMEL", 0)
+    model = nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5))  # parameters only (see report)
+    ema = EMA(model, decay=0.5, nonfinite="ignore")
+    assert ema.update_plans[0][2] == "foreach"
+    model.to(torch.float16)
+    ref = Reference(model, [0.5])
+    ref.shadows = [{k: v.clone() for k, v in ema.state_dict()["averages"][0].items()}]
+    run_both(ema, ref, model, steps=2)
