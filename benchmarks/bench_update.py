@@ -12,7 +12,8 @@ ratio to flat lerp, and noise = (p75 - p25) / median of the ratios.
 
 polyak rows: ``polyak`` is the default configuration (``nonfinite="raise"``: every update checks for
 NaN/inf); ``polyak ignore`` skips that check (``nonfinite="ignore"``), so their difference is the cost of
-the check; ``polyak flatten`` is the opt-in ``EMA(..., flatten=True)`` (default check).
+the check; ``polyak flatten`` is the opt-in ``EMA(..., flatten=True)`` (default check), ``polyak flatten
+ignore`` the same without the check.
 ``polyak K=4`` keeps four decays; its ratio is also reported against ``polyak`` (K=1).
 
 Usage: python benchmarks/bench_update.py [--shapes resnet50,gpt,many_small] [--rounds 15]
@@ -242,6 +243,7 @@ def bench_shape(shape: str, rounds: int, with_peers: bool) -> dict[str, Any]:
         "polyak": impl_polyak(decay=DECAY),
         "polyak ignore": impl_polyak(decay=DECAY, nonfinite="ignore"),
         "polyak flatten": impl_polyak(decay=DECAY, flatten=True),
+        "polyak flatten ignore": impl_polyak(decay=DECAY, flatten=True, nonfinite="ignore"),
         "polyak K=4": impl_polyak(decay=[0.99, 0.999, 0.9999, 0.99999]),
     }
     results: dict[str, Any] = {}
