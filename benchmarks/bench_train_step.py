@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     configs: dict[str, dict[str, Any]] = {
         "polyak (default)": {"decay": 0.999},
         "polyak nonfinite='ignore'": {"decay": 0.999, "nonfinite": "ignore"},
