@@ -400,3 +400,15 @@ def test_compiled_update_matches_eager_and_still_refuses_nan(flatten: bool) -> N
         model[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         update()
+
+
+def test_flatten_keeps_tied_weights_tied() -> None:
+    model = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 11, bias=False))
+    model[1].weight = model[0].weight
+    ref = Reference(model, [0.8, 0.3])
+    for shadows in ref.shadows:
+        del shadows["1.weight"]  # a tied tensor has one shadow, under its first name
+    ema = EMA(model, decay=[0.8, 0.3], flatten=True)
+    assert model[1].weight is model[0].weight
+    assert ema.update_plans[0][2] == "flat"
+    run_both(ema, ref, model, steps=3)
