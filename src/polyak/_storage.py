@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from polyak._select import Selected
 
 log = logging.getLogger("polyak")
 
-Plan = Literal["foreach", "gather", "flat"]
+Plan = Literal["foreach", "gather", "flat", "offload"]
 
 # A group whose tensors hold fewer elements than this on average is gathered into one contiguous scratch
 # per update (one ``torch.cat``) instead of being updated by per-tensor ``_foreach`` calls: measured on a
@@ -44,7 +44,8 @@ class Group:
     source_views: list[Tensor] = field(default_factory=list)  # detached 1-D views of the sources
     source_ptrs: list[int] = field(default_factory=list)  # their data_ptr(), to detect re-assignment
     same_dtype: bool = False  # every source already has the shadow's dtype and device
-    scratch: Tensor | None = None  # (N,) gather buffer in the shadow dtype ("gather")
+    scratch: Tensor | None = None  # (N,) gather buffer ("gather": shadow dtype; "offload": pinned, source dtype)
+    stream: Any = None  # "offload": the CUDA side stream that copies the weights to the host
     source_flat: Tensor | None = None  # (N,) buffer that the sources are views of ("flat")
 
     @property
@@ -114,6 +115,42 @@ def _gatherable(group: Group) -> bool:
     )
 
 
+def _offloadable(group: Group) -> bool:
+    """CPU shadows of weights that all live on one CUDA device, in one dtype, contiguous."""
+    srcs = group.sources
+    return (
+        group.device.type == "cpu"
+        and bool(srcs)
+        and srcs[0].device.type == "cuda"
+        and len({(s.device, s.dtype) for s in srcs}) == 1
+        and all(s.is_contiguous() and s.is_floating_point() and s.numel() > 0 for s in srcs)
+        and not group.dtype.is_complex
+    )
+
+
+def copy_to_host(group: Group) -> Tensor:
+    """``device="cpu"`` with a CUDA model: copy every weight into the group's pinned host buffer on a
+    side stream (after the work already queued on the current stream), and wait for that copy only.
+
+    The training stream never waits for the copy; the host waits once per update for the weights of
+    this step to reach host memory (instead of once per tensor with ``tensor.to("cpu")``).
+    """
+    staging = group.scratch
+    if staging is None or group.stream is None:
+        raise RuntimeError("copy_to_host needs an 'offload' plan")
+    stream = group.stream
+    stream.wait_stream(torch.cuda.current_stream(group.sources[0].device))
+    with torch.cuda.stream(stream):
+        offset = 0
+        for view in group.source_views:
+            n = view.numel()
+            staging[offset : offset + n].copy_(view, non_blocking=True)
+            offset += n
+        event = stream.record_event()
+    event.synchronize()
+    return staging
+
+
 def plan_group(group: Group, num_averages: int, *, check: bool, force_gather: bool = False) -> None:
     """Choose how ``update()`` reads this group's sources, and cache what that plan needs.
 
@@ -128,6 +165,12 @@ def plan_group(group: Group, num_averages: int, *, check: bool, force_gather: bo
     group.plan = "foreach"
     group.same_dtype = all(s.dtype == group.dtype and s.device == group.device for s in group.sources)
     group.source_ptrs = [s.data_ptr() for s in group.sources]  # re-planned when a source moves
+    if _offloadable(group):
+        _cache_views(group)
+        group.scratch = torch.empty(group.numel, dtype=group.sources[0].dtype, pin_memory=True)
+        group.stream = torch.cuda.Stream(device=group.sources[0].device)  # type: ignore[no-untyped-call]
+        group.plan = "offload"
+        return
     if not group.sources or not _gatherable(group):
         return
     mean = group.numel / len(group.sources)

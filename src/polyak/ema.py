@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from polyak import _kernels
 from polyak._select import BufferPolicy, Pattern, Selected, normalize_key, select
-from polyak._storage import Group, build_groups, flatten_sources, plan_group, sources_moved
+from polyak._storage import Group, build_groups, copy_to_host, flatten_sources, plan_group, sources_moved
 from polyak.schedules import as_schedule
 
 __all__ = ["EMA", "NonFinitePolicy"]
@@ -85,7 +85,9 @@ class EMA:
             into the averaged model, or ``"skip"`` them (left out of ``averaged_state_dict``, untouched by
             ``copy_to``). Integer buffers are always copied exactly, never averaged.
         dtype: shadow dtype. Default: float32 for float16/bfloat16 weights, else the weight's dtype.
-        device: shadow device, e.g. ``"cpu"`` to offload; default: each weight's own device.
+        device: shadow device, e.g. ``"cpu"`` to offload; default: each weight's own device. With a CUDA
+            model and ``device="cpu"`` the weights are copied into pinned host memory on a side stream
+            (one wait per update for that copy, none on the training stream) and averaged on the CPU.
         debias: zero-initialised shadow with bias correction ``shadow / (1 - prod(beta))`` (Adam-style);
             the average is exact from the first update, whatever the decay.
         nonfinite: what an update does when a weight holds NaN or inf: ``"raise"`` a ValueError naming
@@ -308,7 +310,10 @@ class EMA:
 
     def _check_on_device(self) -> bool:
         """True when the finiteness flag lives on a CUDA device (read it later, never in update())."""
-        return any(g.device.type == "cuda" or g.sources[0].device.type == "cuda" for g in self._groups)
+        return any(
+            g.device.type == "cuda" or (g.plan != "offload" and g.sources[0].device.type == "cuda")
+            for g in self._groups
+        )
 
     def _refresh_plan(self, group: Group) -> None:
         if not sources_moved(group):
@@ -334,6 +339,8 @@ class EMA:
             return group.source_flat
         if group.plan == "gather" and group.scratch is not None:
             return _kernels.gather_(group.source_views, group.scratch)
+        if group.plan == "offload":
+            return copy_to_host(group)
         return None
 
     def _flags(self, sources: list[Tensor | None]) -> list[Tensor]:

@@ -47,7 +47,7 @@ class Reference:
         live = self._averaged(self.model)
         for shadows, decay in zip(self.shadows, self.decays):
             for key, shadow in shadows.items():
-                source = live[key].to(shadow.dtype)
+                source = live[key].to(device=shadow.device, dtype=shadow.dtype)
                 if self.step <= self.start_step:
                     shadow.copy_(source)
                 else:
@@ -338,15 +338,15 @@ def test_cuda_update_never_syncs_and_masks_nan(num_averages: int) -> None:
     decays = DECAYS[num_averages]
     ref = Reference(model, decays)
     ema = EMA(model, decay=decays)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for step in range(3):
-            perturb(model, step)
+    for step in range(3):
+        perturb(model, step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside update() raises
+        try:
             ema.update()
-            ref.update()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ref.update()
     assert_same_bits(ema, ref)
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
@@ -411,4 +411,16 @@ def test_flatten_keeps_tied_weights_tied() -> None:
     ema = EMA(model, decay=[0.8, 0.3], flatten=True)
     assert model[1].weight is model[0].weight
     assert ema.update_plans[0][2] == "flat"
+    run_both(ema, ref, model, steps=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_model_with_cpu_shadows_offloads_through_pinned_memory(dtype: torch.dtype) -> None:
+    model = make_model(dtype).cuda()
+    ref = Reference(model, [0.9, 0.5])
+    ref.shadows = [{k: v.cpu() for k, v in shadows.items()} for shadows in ref.shadows]
+    ema = EMA(model, decay=[0.9, 0.5], device="cpu")
+    assert ema.update_plans[0][2] == "offload"
     run_both(ema, ref, model, steps=3)
