@@ -113,7 +113,8 @@ class EMA:
     tensors are gathered with one ``torch.cat`` per update (when K > 1 or the NaN check reads the flat
     source too) and updated by flat ``lerp_`` calls; groups of
     large tensors use ``_foreach_lerp_`` (K = 1) or a cache-blocked per-tensor loop (K > 1) that reads each
-    weight from memory about once for all K averages. Every path runs the reference arithmetic
+    weight from memory about once for all K averages. A gathered group keeps one scratch buffer of N
+    elements (one more shadow's worth of memory for that group). Every path runs the reference arithmetic
     ``shadow.lerp_(weight.to(shadow.dtype), 1 - beta)`` and gives the same bits.
     """
 
