@@ -8,12 +8,24 @@ read without walking the model, and lets all shadows move or convert together.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from polyak._select import Selected
+
+log = logging.getLogger("polyak")
+
+Plan = Literal["foreach", "gather", "flat", "offload"]
+
+# A group whose tensors hold fewer elements than this on average is gathered into one contiguous scratch
+# per update (one ``torch.cat``) instead of being updated by per-tensor ``_foreach`` calls: measured on a
+# 2-core CPU, ``cat`` + flat ``lerp_`` beats ``_foreach_lerp_`` below ~64K elements per tensor and loses
+# above it (the gather is an extra read and write of every weight). See benchmarks/bench_update.py.
+GATHER_MEAN_NUMEL = 1 << 16
 
 
 @dataclass
@@ -26,6 +38,15 @@ class Group:
     sources: list[Tensor]  # the live parameters/buffers, in buffer order
     flat: Tensor  # (K, N)
     views: list[list[Tensor]] = field(default_factory=list)  # views[k][i]
+    # How update() reads the sources: "foreach" (per-tensor lists), "gather" (cat the cached 1-D views
+    # into ``scratch``), "flat" (the sources are views of ``source_flat``, laid out like the shadow).
+    plan: Plan = "foreach"
+    source_views: list[Tensor] = field(default_factory=list)  # detached 1-D views of the sources
+    source_ptrs: list[int] = field(default_factory=list)  # their data_ptr(), to detect re-assignment
+    same_dtype: bool = False  # every source already has the shadow's dtype and device
+    scratch: Tensor | None = None  # (N,) gather buffer ("gather": shadow dtype; "offload": pinned, source dtype)
+    stream: Any = None  # "offload": the CUDA side stream that copies the weights to the host
+    source_flat: Tensor | None = None  # (N,) buffer that the sources are views of ("flat")
 
     @property
     def numel(self) -> int:
@@ -81,3 +102,120 @@ def _carve(row: Tensor, like: list[Tensor]) -> list[Tensor]:
         views.append(row[offset : offset + n].view(t.shape))
         offset += n
     return views
+
+
+def _gatherable(group: Group) -> bool:
+    """Sources can be read as cached 1-D views: contiguous, real floating, on the shadow's device."""
+    return (
+        all(
+            s.is_contiguous() and s.is_floating_point() and s.device == group.device and s.numel() > 0
+            for s in group.sources
+        )
+        and not group.dtype.is_complex
+    )
+
+
+def _offloadable(group: Group) -> bool:
+    """CPU shadows of weights that all live on one CUDA device, in one dtype, contiguous."""
+    srcs = group.sources
+    return (
+        group.device.type == "cpu"
+        and bool(srcs)
+        and srcs[0].device.type == "cuda"
+        and len({(s.device, s.dtype) for s in srcs}) == 1
+        and all(s.is_contiguous() and s.is_floating_point() and s.numel() > 0 for s in srcs)
+        and not group.dtype.is_complex
+    )
+
+
+def copy_to_host(group: Group) -> Tensor:
+    """``device="cpu"`` with a CUDA model: copy every weight into the group's pinned host buffer on a
+    side stream (after the work already queued on the current stream), and wait for that copy only.
+
+    The training stream never waits for the copy; the host waits once per update for the weights of
+    this step to reach host memory (instead of once per tensor with ``tensor.to("cpu")``).
+    """
+    staging = group.scratch
+    if staging is None or group.stream is None:
+        raise RuntimeError("copy_to_host needs an 'offload' plan")
+    stream = group.stream
+    stream.wait_stream(torch.cuda.current_stream(group.sources[0].device))
+    with torch.cuda.stream(stream):
+        offset = 0
+        for view in group.source_views:
+            n = view.numel()
+            staging[offset : offset + n].copy_(view, non_blocking=True)
+            offset += n
+        event = stream.record_event()
+    event.synchronize()
+    return staging
+
+
+def plan_group(group: Group, num_averages: int, *, check: bool, force_gather: bool = False) -> None:
+    """Choose how ``update()`` reads this group's sources, and cache what that plan needs.
+
+    Gathering small tensors pays when the flat source is read more than once: by K > 1 averages or by
+    the finiteness ``check`` (one ``aminmax`` on the flat source instead of one per tensor). For one
+    unchecked average, one ``_foreach_lerp_`` costs about the same as the ``cat`` alone, so it stays.
+    """
+    group.source_flat = None
+    group.scratch = None
+    group.source_views = []
+    group.source_ptrs = []
+    group.plan = "foreach"
+    group.same_dtype = all(s.dtype == group.dtype and s.device == group.device for s in group.sources)
+    group.source_ptrs = [s.data_ptr() for s in group.sources]  # re-planned when a source moves
+    if _offloadable(group):
+        _cache_views(group)
+        group.scratch = torch.empty(group.numel, dtype=group.sources[0].dtype, pin_memory=True)
+        group.stream = torch.cuda.Stream(device=group.sources[0].device)  # type: ignore[no-untyped-call]
+        group.plan = "offload"
+        return
+    if not group.sources or not _gatherable(group):
+        return
+    mean = group.numel / len(group.sources)
+    small = mean < GATHER_MEAN_NUMEL and (num_averages > 1 or check)
+    if not (force_gather or small):
+        return
+    _cache_views(group)
+    group.scratch = torch.empty(group.numel, dtype=group.dtype, device=group.device)
+    group.plan = "gather"
+
+
+def _cache_views(group: Group) -> None:
+    group.source_views = [s.detach().view(-1) for s in group.sources]
+    group.source_ptrs = [s.data_ptr() for s in group.sources]
+
+
+def sources_moved(group: Group) -> bool:
+    """True when a source no longer lives where the cached views point (``p.data = ...``, ``model.to``).
+
+    Cached views keep the old storage alive, so an unchanged ``data_ptr`` means an unchanged tensor.
+    """
+    return list(map(Tensor.data_ptr, group.sources)) != group.source_ptrs
+
+
+def flatten_sources(group: Group) -> bool:
+    """Make the group's sources views of one contiguous buffer laid out like the shadow rows.
+
+    Each source keeps its identity (``p.data`` is re-pointed, as ``torch.nn.Module._apply`` does), so
+    optimizers built before or after keep working; its values are copied exactly. Returns False (and
+    changes nothing) when the sources do not share one dtype and device or are not contiguous.
+    """
+    srcs = group.sources
+    if not srcs or not _gatherable(group) or len({(s.dtype, s.device) for s in srcs}) != 1:
+        return False
+    with torch.no_grad():
+        flat = torch.empty(group.numel, dtype=srcs[0].dtype, device=srcs[0].device)
+        offset = 0
+        for s in srcs:
+            n = s.numel()
+            view = flat[offset : offset + n].view(s.shape)
+            view.copy_(s.detach())
+            s.data = view
+            offset += n
+    group.source_flat = flat
+    group.scratch = None
+    _cache_views(group)
+    group.plan = "flat"
+    return True

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from polyak import _kernels
 from polyak._select import BufferPolicy, Pattern, Selected, normalize_key, select
-from polyak._storage import Group, build_groups
+from polyak._storage import Group, build_groups, copy_to_host, flatten_sources, plan_group, sources_moved
 from polyak.schedules import as_schedule
 
 __all__ = ["EMA", "NonFinitePolicy"]
@@ -85,13 +85,37 @@ class EMA:
             into the averaged model, or ``"skip"`` them (left out of ``averaged_state_dict``, untouched by
             ``copy_to``). Integer buffers are always copied exactly, never averaged.
         dtype: shadow dtype. Default: float32 for float16/bfloat16 weights, else the weight's dtype.
-        device: shadow device, e.g. ``"cpu"`` to offload; default: each weight's own device.
+        device: shadow device, e.g. ``"cpu"`` to offload; default: each weight's own device. With a CUDA
+            model and ``device="cpu"`` the weights are copied into pinned host memory on a side stream
+            (one wait per update for that copy, none on the training stream) and averaged on the CPU.
         debias: zero-initialised shadow with bias correction ``shadow / (1 - prod(beta))`` (Adam-style);
             the average is exact from the first update, whatever the decay.
         nonfinite: what an update does when a weight holds NaN or inf: ``"raise"`` a ValueError naming
             the tensors and leave the average untouched (default), ``"skip"`` that update (logged), or
             ``"ignore"`` (no check; fastest; the NaN enters the average). The check reads every weight
-            once more; on CUDA it reads one flag back from the device.
+            once more (one exact ``aminmax`` pass, no overflow false alarms). On CPU the flag is read
+            before anything is written. On CUDA the update never waits for the device: the flag stays on
+            the device and masks the update (a non-finite update leaves every average bit-for-bit
+            unchanged), a copy of it travels to pinned host memory, and the error (``"raise"``) or the
+            skip count and log line (``"skip"``) happen at the next point where the host looks: the next
+            ``update()`` whose flag copy has landed, or ``apply``/``copy_to``/``averaged_state_dict``/
+            ``state_dict``/``synchronize()``, which wait for it.
+        flatten: opt-in speed-up for models with many small tensors: make the model's averaged tensors
+            views into one contiguous buffer per (device, dtype), laid out like the shadows, so an update
+            is one flat ``lerp_`` per average with no gather (as FSDP/DeepSpeed flat parameters do).
+            Parameters keep their identity (``p.data`` is re-pointed), so an optimizer built before or
+            after keeps working; build the EMA before ``torch.compile``, DDP/FSDP wrapping, or anything
+            that records parameter addresses (CUDA graphs). If a parameter is later re-assigned (e.g.
+            ``model.half()``), every update notices (one ``data_ptr`` comparison per tensor), logs a
+            warning and falls back to the default path: the average is never read from a stale buffer.
+
+    Layout and speed: shadows live in one ``(K, N)`` buffer per (device, dtype). Groups of many small
+    tensors are gathered with one ``torch.cat`` per update (when K > 1 or the NaN check reads the flat
+    source too) and updated by flat ``lerp_`` calls; groups of
+    large tensors use ``_foreach_lerp_`` (K = 1) or a cache-blocked per-tensor loop (K > 1) that reads each
+    weight from memory about once for all K averages. A gathered group keeps one scratch buffer of N
+    elements (one more shadow's worth of memory for that group). Every path runs the reference arithmetic
+    ``shadow.lerp_(weight.to(shadow.dtype), 1 - beta)`` and gives the same bits.
     """
 
     def __init__(
@@ -108,6 +132,7 @@ class EMA:
         device: torch.device | str | None = None,
         debias: bool = False,
         nonfinite: NonFinitePolicy = "raise",
+        flatten: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"EMA expects a torch.nn.Module, got {type(model).__name__}")
@@ -125,6 +150,8 @@ class EMA:
             raise TypeError(f"debias must be a bool, got {debias!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be a bool, got {flatten!r}")
 
         self.model = model
         self.buffers: BufferPolicy = buffers
@@ -142,6 +169,11 @@ class EMA:
         # average is shadow / (1 - product); a copy counts as beta = 0.
         self._products: list[float] = [1.0 for _ in self.schedules]
         self._applied = False
+        self.flatten = flatten
+        # CUDA only: (step, decays or None for a copy, host flag, event) of device-side finiteness checks
+        # whose result the host has not looked at yet.
+        self._pending: list[tuple[int, tuple[float, ...] | None, Tensor, Any]] = []
+        self._hooks: list[Any] = []
 
         _install_registration_hooks()
         self._generation = _generation
@@ -156,6 +188,27 @@ class EMA:
                         group.flat.zero_()
                     else:
                         _kernels.copy_(views, group.sources)
+        for group in self._groups:
+            self._plan(group)
+            if flatten and not flatten_sources(group):
+                log.info(
+                    "polyak: EMA(flatten=True) left %d tensor(s) of shadow group (%s, %s) as they are: "
+                    "they differ in dtype/device or are not contiguous",
+                    len(group.sources),
+                    group.device,
+                    group.dtype,
+                )
+
+    def _plan(self, group: Group) -> None:
+        # On CUDA the finiteness check masks the update on the device, which needs a flat source.
+        masked = group.device.type == "cuda" and self.nonfinite != "ignore"
+        plan_group(group, self.num_averages, check=self.nonfinite != "ignore", force_gather=masked)
+
+    @property
+    def update_plans(self) -> list[tuple[str, str, str, int]]:
+        """How each shadow group is updated: ``(device, dtype, plan, number of tensors)``, where plan is
+        ``"foreach"``, ``"gather"`` or ``"flat"`` (see the class docstring)."""
+        return [(str(g.device), str(g.dtype), g.plan, len(g.sources)) for g in self._groups]
 
     # --- public properties -----------------------------------------------------------------------------
     @property
@@ -207,70 +260,206 @@ class EMA:
     def update(self) -> None:
         """Fold the model's current weights into the average. Call after ``optimizer.step()``.
 
-        Never reads a value back from the device (except one flag per update under the default
-        ``nonfinite="raise"``/``"skip"`` on CUDA).
+        Never reads a value back from a CUDA device (see ``nonfinite`` for when a NaN is reported).
         """
         if self._applied:
             raise RuntimeError(
                 "ema.update() was called inside `with ema.apply():`; the live model holds the averaged "
                 "weights there. Update outside the block."
             )
+        self._poll(block=False)
         self._check_model_unchanged()
         t = self.step + 1 - self.start_step
         if t <= 0:
-            if not self._guard_finite():
-                self.step += 1
-                self.skipped_updates += 1
-                return
-            self._copy_live_into_shadows()
+            if self._fold(None):
+                self._products = [0.0 for _ in self.schedules]
+                self.last_decays = tuple(0.0 for _ in self.schedules)
             self.step += 1
             return
         if t % self.update_every:
             self.step += 1
             return
         decays = self.decays_at(t)
-        if not self._guard_finite():
-            self.step += 1
-            self.skipped_updates += 1
-            return
+        if self._fold(decays):
+            self.last_decays = decays
+            self._products = [p * d for p, d in zip(self._products, decays)]
+        self.step += 1
+
+    def _fold(self, decays: tuple[float, ...] | None) -> bool:
+        """Lerp every shadow towards its source (a copy when ``decays`` is None). Returns False when the
+        update was refused by the finiteness check (policy "skip"; "raise" raises)."""
+        weights = [1.0] * self.num_averages if decays is None else [1.0 - d for d in decays]
+        for group in self._groups:
+            self._refresh_plan(group)
         try:
-            for group in self._groups:
-                for k, views in enumerate(group.views):
-                    _kernels.lerp_(views, group.sources, 1.0 - decays[k])
+            sources = [self._flat_source(group) for group in self._groups]
+            check = self.nonfinite != "ignore"
+            if check and self._check_on_device():
+                self._fold_masked(sources, weights, decays)
+                return True
+            if check and not self._all_finite_on_host(sources):
+                return False
+            for group, src in zip(self._groups, sources):
+                if src is None:
+                    _kernels.lerp_tensor_major_(group.views, group.sources, weights, same_dtype=group.same_dtype)
+                else:
+                    _kernels.lerp_rows_(group.flat, src, weights)
         except RuntimeError:
             self._verify_model(strict_identity=False)  # raises a clear error if the model changed
             raise
-        self.step += 1
-        self.last_decays = decays
-        self._products = [p * d for p, d in zip(self._products, decays)]
+        return True
 
-    def _copy_live_into_shadows(self) -> None:
-        for group in self._groups:
-            for views in group.views:
-                _kernels.copy_(views, group.sources)
-        self._products = [0.0 for _ in self.schedules]
-        self.last_decays = tuple(0.0 for _ in self.schedules)
+    def _check_on_device(self) -> bool:
+        """True when the finiteness flag lives on a CUDA device (read it later, never in update())."""
+        return any(
+            g.device.type == "cuda" or (g.plan != "offload" and g.sources[0].device.type == "cuda")
+            for g in self._groups
+        )
 
-    def _guard_finite(self) -> bool:
-        """True when the update may go ahead; raises or returns False on a NaN/inf weight."""
-        if self.nonfinite == "ignore":
-            return True
-        flags = [_kernels.all_finite(g.sources).to("cpu") for g in self._groups]
+    def _refresh_plan(self, group: Group) -> None:
+        if not sources_moved(group):
+            return
+        for key, src, view in zip(group.keys, group.sources, group.views[0]):
+            if src.shape != view.shape:
+                raise ValueError(
+                    f"the model changed after the EMA was built: {key!r} has shape {tuple(src.shape)}, "
+                    f"the average has {tuple(view.shape)}"
+                )
+        if group.plan == "flat":
+            log.warning(
+                "polyak: a tensor of an EMA(flatten=True) model was re-assigned (e.g. by model.to(), "
+                ".half() or p.data = ...); it is no longer a view of the flat buffer, so this EMA now reads "
+                "the tensors one by one (slower, same result)"
+            )
+        self._plan(group)
+
+    @staticmethod
+    def _flat_source(group: Group) -> Tensor | None:
+        """The group's sources as one contiguous (N,) tensor, or None for the per-tensor path."""
+        if group.plan == "flat":
+            return group.source_flat
+        if group.plan == "gather" and group.scratch is not None:
+            return _kernels.gather_(group.source_views, group.scratch)
+        if group.plan == "offload":
+            return copy_to_host(group)
+        return None
+
+    def _flags(self, sources: list[Tensor | None]) -> list[Tensor]:
+        return [
+            _kernels.all_finite(g.sources) if src is None else _kernels.flat_finite(src)
+            for g, src in zip(self._groups, sources)
+        ]
+
+    def _all_finite_on_host(self, sources: list[Tensor | None]) -> bool:
+        flags = self._flags(sources)
         if all(bool(f) for f in flags):
             return True
         bad = [
             g.keys[i] for g, f in zip(self._groups, flags) if not bool(f) for i in _kernels.nonfinite_indices(g.sources)
         ]
-        if not bad:  # |x| summed past the float range: a false alarm
-            return True
+        return self._refuse(bad, self.step + 1)
+
+    def _refuse(self, bad: list[str] | None, step: int) -> bool:
+        """Apply the policy to a non-finite update: count and log it ("skip") or raise ("raise").
+        ``bad`` names the tensors, or is None when the check ran on the device (tensors not identified)."""
+        where = (
+            f"in {len(bad)} weight tensor(s): {bad[:10]}{' ...' if len(bad) > 10 else ''}"
+            if bad is not None
+            else "in the weights (checked on the device without naming the tensors)"
+        )
         if self.nonfinite == "skip":
-            log.warning("polyak: skipped EMA update at step %d: NaN/inf in %s", self.step + 1, bad[:10])
+            self.skipped_updates += 1
+            log.warning("polyak: skipped EMA update at step %d: NaN/inf %s", step, where)
             return False
         raise ValueError(
-            f"non-finite values (NaN or inf) in {len(bad)} weight tensor(s): {bad[:10]}"
-            f"{' ...' if len(bad) > 10 else ''}; the average was left unchanged. Fix the divergence (lower the "
-            "learning rate, clip gradients) or build the EMA with nonfinite='skip' to skip such updates."
+            f"non-finite values (NaN or inf) {where} at update step {step}; the average was left unchanged. "
+            "Fix the divergence (lower the learning rate, clip gradients) or build the EMA with "
+            "nonfinite='skip' to skip such updates."
         )
+
+    def _fold_masked(
+        self, sources: list[Tensor | None], weights: list[float], decays: tuple[float, ...] | None
+    ) -> None:
+        """CUDA: check and update without a host read. The update is a bit-exact no-op when any weight is
+        non-finite (each source is replaced by the shadow itself, and ``lerp(s, s, w) == s``); the flag
+        is reported later by ``_poll``."""
+        flags = self._flags(sources)
+        device = flags[0].device
+        ok = torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
+        for group, src in zip(self._groups, sources):
+            gok = ok.to(group.flat.device)
+            if src is not None:
+                _kernels.masked_lerp_rows_(group.flat, src, weights, gok)
+                continue
+            for views, w in zip(group.views, weights):
+                masked = [
+                    torch.where(gok, s.to(device=v.device, dtype=v.dtype), v) for s, v in zip(group.sources, views)
+                ]
+                _kernels.lerp_(views, masked, w)
+        if ok.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(ok, non_blocking=True)
+            event: Any = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+        else:
+            host, event = ok, None
+        self._pending.append((self.step + 1, decays, host, event))
+
+    def _poll(self, *, block: bool) -> None:
+        """Act on the device-side finiteness checks whose result has reached the host (on all of them,
+        waiting if needed, when ``block``)."""
+        while self._pending:
+            step, decays, host, event = self._pending[0]
+            if event is not None:
+                if block:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            self._pending.pop(0)
+            if bool(host):
+                continue
+            if decays is not None:  # the masked update changed no shadow: undo its bookkeeping
+                self._products = [p / d if d > 0.0 else p for p, d in zip(self._products, decays)]
+            if self.nonfinite == "raise":
+                self._pending.clear()
+            self._refuse(None, step)
+
+    def synchronize(self) -> None:
+        """Wait for pending device-side finiteness checks and act on them (raise, or count and log skips).
+
+        Only CUDA updates leave checks pending; elsewhere this does nothing."""
+        self._poll(block=True)
+
+    # --- training-loop hook ----------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Call ``update()`` after every ``optimizer.step()`` (a step post-hook). Returns the hook handle;
+        ``handle.remove()`` or ``ema.detach()`` stops it.
+
+        Pitfalls: do not also call ``ema.update()`` yourself (each step would be averaged twice); attach
+        one EMA to one optimizer (two optimizers stepping one model would update it twice per step; attach
+        to the last one that steps). A ``GradScaler`` that skips ``optimizer.step()`` on inf gradients skips
+        the update too, which is what you want.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._hooks:
+            raise RuntimeError(
+                "this EMA is already attached to an optimizer; call ema.detach() first (two hooks would "
+                "update the average twice per step)"
+            )
+
+        def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            self.update()
+
+        handle = optimizer.register_step_post_hook(hook)
+        self._hooks.append(handle)
+        return handle
+
+    def detach(self) -> None:
+        """Remove the optimizer hook installed by ``attach`` (no-op when not attached)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     # --- reading the average ---------------------------------------------------------------------------
     def _check_index(self, index: int) -> int:
@@ -303,6 +492,7 @@ class EMA:
         index = self._check_index(index)
         if self._applied:
             raise RuntimeError("ema.apply() is already active; nested apply() blocks are not supported")
+        self._poll(block=True)
         self._check_model_unchanged()
         # Back up the averaged tensors and every other buffer too: code inside the block (a forward pass
         # in train mode, polyak.update_bn) may change BatchNorm statistics that are not averaged.
@@ -332,6 +522,7 @@ class EMA:
         ones; loadable by ``model.load_state_dict``. Buffers under ``buffers="skip"`` are left out (load
         with ``strict=False``). Every tensor is a fresh copy."""
         index = self._check_index(index)
+        self._poll(block=True)
         self._check_model_unchanged()
         averaged = self._averaged_by_key(index)
         skipped = {k for s in self._selected if s.mode == "skip" for k in s.model_keys}
@@ -358,6 +549,7 @@ class EMA:
         if not isinstance(model, nn.Module):
             raise TypeError(f"copy_to expects a torch.nn.Module, got {type(model).__name__}")
         index = self._check_index(index)
+        self._poll(block=True)
         self._check_model_unchanged()
         averaged = self._averaged_by_key(index)
         ours = {s.key: s for s in self._selected}
@@ -388,6 +580,7 @@ class EMA:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step, decay products, and every shadow (fresh copies, normalised
         keys, shadow dtype). Loadable with ``torch.load(weights_only=True)``."""
+        self._poll(block=True)
         self._check_model_unchanged()
         averages = [
             {key: view.detach().clone() for group in self._groups for key, view in zip(group.keys, group.views[k])}
@@ -528,3 +721,4 @@ class EMA:
             ]
             for group in self._groups:
                 group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
+                self._plan(group)
