@@ -178,6 +178,7 @@ class EMA:
         _install_registration_hooks()
         self._generation = _generation
         self._selected: list[Selected] = select(model, include=include, exclude=exclude, buffers=buffers)
+        self._buffer_slots = self._find_buffer_slots()
         self._groups: list[Group] = build_groups(
             self._selected, num_averages=len(self.schedules), dtype=dtype, device=self.device
         )
@@ -680,9 +681,22 @@ class EMA:
         self.last_decays = tuple(float(d) for d in last)
 
     # --- model integrity -------------------------------------------------------------------------------
+    def _find_buffer_slots(self) -> list[tuple[dict[str, Any], str, Tensor]]:
+        """(owning module's ``_buffers`` dict, name, tensor) of every selected buffer. ``module.to()``,
+        ``.double()`` and friends replace buffers by writing that dict directly, which fires no
+        registration hook: comparing the slots catches it (a few microseconds per update)."""
+        wanted = {id(s.tensor) for s in self._selected if s.is_buffer}
+        slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        for module in self.model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and id(buf) in wanted:
+                    slots.append((module._buffers, name, buf))
+        return slots
+
     def _check_model_unchanged(self) -> None:
-        if self._generation != _generation:
+        if self._generation != _generation or any(d.get(n) is not t for d, n, t in self._buffer_slots):
             self._verify_model(strict_identity=True)
+            self._buffer_slots = self._find_buffer_slots()
             self._generation = _generation
 
     def _verify_model(self, *, strict_identity: bool) -> None:

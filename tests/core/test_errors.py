@@ -164,3 +164,20 @@ def test_bad_index():
         ema.averaged_state_dict(index=2)
     with pytest.raises(TypeError, match="index must be an int"):
         ema.copy_to(net(), index=0.5)  # type: ignore[arg-type]
+
+
+def test_buffers_replaced_by_model_to_are_followed():
+    """module.to()/.double() replace buffers through module._buffers directly (no hook fires)."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = EMA(model, decay=0.5, dtype=torch.float64)
+    old = model[1].running_mean
+    model.double()
+    assert model[1].running_mean is not old
+    with torch.no_grad():
+        model[1].running_mean.fill_(4.0)
+    ema.update()
+    torch.testing.assert_close(ema.averaged_state_dict()["1.running_mean"], torch.full((3,), 2.0, dtype=torch.float64))
+    live = model[1].running_mean.clone()
+    with ema.apply():
+        model[1].running_mean.fill_(-1.0)
+    assert torch.equal(model[1].running_mean, live)
