@@ -1,0 +1,305 @@
+"""Moving averages over whole arrays (NumPy or torch), along an axis, any leading shape.
+
+``ema``/``ewm_var``/``ewm_std`` reproduce ``pandas.Series.ewm(...).mean()/var()/std()`` (NaN handling,
+``adjust``, ``ignore_na``, ``min_periods``, irregular ``times``); ``sma`` reproduces ``rolling(window).mean()``.
+The common case (no NaN, regular steps) runs as a linear filter (``scipy.signal.lfilter``) over all
+series at once; NaNs and irregular times use the exact pandas recursion, vectorised across series and
+looping over time steps (see ``polyak.series.streaming.EWMStream``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from polyak.series._params import check_min_periods, check_window, resolve_alpha
+from polyak.series.streaming import DebiasedStream, EWMStream, wma_weights
+
+__all__ = ["debiased", "ema", "ewm_std", "ewm_var", "sma", "wma"]
+
+F64 = NDArray[np.float64]
+T = TypeVar("T")
+
+
+def _apply(x: Any, axis: int, fn: Callable[[F64], F64]) -> Any:
+    """Run ``fn`` on a float64 (series, time) view of ``x`` and give the result back in x's type/shape."""
+    torch_like = type(x).__module__.startswith("torch")
+    if torch_like:
+        arr = x.detach().to("cpu").double().numpy()
+    else:
+        arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 0:
+        raise ValueError("expected an array with at least one axis, got a scalar")
+    moved = np.moveaxis(arr, axis, -1)
+    flat = np.ascontiguousarray(moved.reshape(-1, moved.shape[-1]))
+    out = np.moveaxis(fn(flat).reshape(moved.shape), -1, axis)
+    if torch_like:
+        import torch
+
+        dtype = x.dtype if x.is_floating_point() else torch.float64
+        return torch.from_numpy(np.ascontiguousarray(out)).to(device=x.device, dtype=dtype)
+    return out
+
+
+def _lfilter(b: list[float], a: list[float], x: F64, zi: F64 | None = None) -> F64:
+    from scipy.signal import lfilter
+
+    if zi is None:
+        return np.asarray(lfilter(b, a, x, axis=-1), dtype=np.float64)
+    y, _ = lfilter(b, a, x, axis=-1, zi=zi)
+    return np.asarray(y, dtype=np.float64)
+
+
+def _ewm_recursion(flat: F64, stream: EWMStream, elapsed: F64 | None, out: Callable[[EWMStream], F64]) -> F64:
+    result = np.empty_like(flat)
+    for t in range(flat.shape[1]):
+        stream.update(flat[:, t], elapsed=1.0 if elapsed is None or t == 0 else elapsed[t - 1])
+        result[:, t] = out(stream)
+    return result
+
+
+def _elapsed(times: ArrayLike, halflife: Any, n: int) -> F64:
+    """(t_i - t_{i-1}) / halflife; datetime64 times need a timedelta halflife, numbers need a number.
+
+    Differences are taken in int64 nanoseconds before converting to float: pandas converts the absolute
+    timestamps to float64 first, which rounds present-day nanosecond times (~1.8e18 > 2^53) and shifts
+    each delta by up to ~1e-4 relative; ours are exact.
+    """
+    t = np.asarray(times)
+    if t.shape != (n,):
+        raise ValueError(f"times must be 1-D with one entry per step ({n}), got shape {t.shape}")
+    if np.issubdtype(t.dtype, np.datetime64):
+        diffs = np.diff(t).astype("timedelta64[ns]").astype(np.float64)
+        try:
+            unit = np.timedelta64(halflife).astype("timedelta64[ns]").astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"with datetime64 times, halflife must be a timedelta, got {halflife!r}") from exc
+    else:
+        diffs = np.diff(t.astype(np.float64))
+        if isinstance(halflife, bool) or not isinstance(halflife, (int, float)):
+            raise TypeError(f"with numeric times, halflife must be a number, got {halflife!r}")
+        unit = float(halflife)
+    if not unit > 0:
+        raise ValueError(f"halflife must be > 0, got {halflife!r}")
+    if np.isnan(diffs).any() or (diffs < 0).any():
+        raise ValueError("times must be increasing and contain no NaT/NaN")
+    return np.asarray(diffs / unit, dtype=np.float64)
+
+
+def _ewm(
+    x: Any,
+    what: str,
+    *,
+    alpha: float | None,
+    span: float | None,
+    halflife: Any,
+    com: float | None,
+    adjust: bool,
+    ignore_na: bool,
+    times: ArrayLike | None,
+    min_periods: int,
+    axis: int,
+    bias: bool = False,
+) -> Any:
+    if times is not None:
+        for name, value in (("alpha", alpha), ("span", span), ("com", com)):
+            if value is not None:
+                raise ValueError(f"with times=..., give halflife only (got {name})")
+        if halflife is None:
+            raise ValueError("with times=..., give halflife (in the units of times)")
+        a = 0.5
+    else:
+        a = resolve_alpha(alpha=alpha, span=span, halflife=halflife, com=com)
+    minp = max(check_min_periods(min_periods, 0), 1)
+
+    def run(flat: F64) -> F64:
+        n = flat.shape[1]
+        elapsed = _elapsed(times, halflife, n) if times is not None else None
+        if what == "mean" and elapsed is None and not np.isnan(flat).any():
+            return _fast_mean(flat, a, adjust, minp)
+        stream = EWMStream(
+            flat.shape[0],
+            alpha=None if times is not None else a,
+            adjust=adjust,
+            ignore_na=ignore_na,
+            min_periods=minp,
+            decay_per_unit=0.5 if times is not None else None,
+        )
+        if what == "mean":
+            return _ewm_recursion(flat, stream, elapsed, lambda s: s.value)
+        if what == "var":
+            return _ewm_recursion(flat, stream, elapsed, lambda s: s.variance(bias=bias))
+        return _ewm_recursion(flat, stream, elapsed, lambda s: np.sqrt(s.variance(bias=bias)))
+
+    return _apply(x, axis, run)
+
+
+def _fast_mean(flat: F64, a: float, adjust: bool, minp: int) -> F64:
+    beta = 1.0 - a
+    if adjust:
+        numerator = _lfilter([1.0], [1.0, -beta], flat)
+        steps = np.arange(1, flat.shape[1] + 1, dtype=np.float64)
+        denominator = steps if beta == 1.0 else (1.0 - beta**steps) / (1.0 - beta) if beta > 0 else np.ones_like(steps)
+        out = numerator / denominator
+    else:
+        out = _lfilter([a], [1.0, -beta], flat, zi=beta * flat[:, :1])
+    if minp > 1:
+        out[:, : minp - 1] = np.nan
+    return out
+
+
+def ema(
+    x: Any,
+    *,
+    alpha: float | None = None,
+    span: float | None = None,
+    halflife: Any = None,
+    com: float | None = None,
+    adjust: bool = True,
+    ignore_na: bool = False,
+    times: ArrayLike | None = None,
+    min_periods: int = 0,
+    axis: int = -1,
+) -> Any:
+    """Exponential moving average with ``pandas.Series.ewm(...).mean()`` semantics.
+
+    alpha = 1/(1+com) = 2/(span+1) = 1 - exp(-ln2/halflife) (give exactly one). ``adjust=True``:
+    y_t = sum_i (1-alpha)^(t-i) x_i / sum_i (1-alpha)^(t-i); ``adjust=False``: y_t = (1-alpha) y_{t-1} + alpha x_t.
+    With ``times`` (numbers, or datetime64 with a timedelta ``halflife``) a weight halves every ``halflife``.
+    NaNs: see ``EWMStream``.
+    """
+    return _ewm(
+        x,
+        "mean",
+        alpha=alpha,
+        span=span,
+        halflife=halflife,
+        com=com,
+        adjust=adjust,
+        ignore_na=ignore_na,
+        times=times,
+        min_periods=min_periods,
+        axis=axis,
+    )
+
+
+def ewm_var(
+    x: Any,
+    *,
+    alpha: float | None = None,
+    span: float | None = None,
+    halflife: float | None = None,
+    com: float | None = None,
+    adjust: bool = True,
+    ignore_na: bool = False,
+    min_periods: int = 0,
+    bias: bool = False,
+    axis: int = -1,
+) -> Any:
+    """Exponentially weighted variance, ``pandas.Series.ewm(...).var(bias=...)`` (default unbiased)."""
+    return _ewm(
+        x,
+        "var",
+        alpha=alpha,
+        span=span,
+        halflife=halflife,
+        com=com,
+        adjust=adjust,
+        ignore_na=ignore_na,
+        times=None,
+        min_periods=min_periods,
+        axis=axis,
+        bias=bias,
+    )
+
+
+def ewm_std(
+    x: Any,
+    *,
+    alpha: float | None = None,
+    span: float | None = None,
+    halflife: float | None = None,
+    com: float | None = None,
+    adjust: bool = True,
+    ignore_na: bool = False,
+    min_periods: int = 0,
+    bias: bool = False,
+    axis: int = -1,
+) -> Any:
+    """Exponentially weighted standard deviation, ``pandas.Series.ewm(...).std(bias=...)``."""
+    return _ewm(
+        x,
+        "std",
+        alpha=alpha,
+        span=span,
+        halflife=halflife,
+        com=com,
+        adjust=adjust,
+        ignore_na=ignore_na,
+        times=None,
+        min_periods=min_periods,
+        axis=axis,
+        bias=bias,
+    )
+
+
+def sma(x: Any, window: int, *, min_periods: int | None = None, axis: int = -1) -> Any:
+    """Simple moving average of the last ``window`` values, ``pandas.Series.rolling(window).mean()``:
+    NaNs are skipped and the result is NaN until ``min_periods`` (default ``window``) values are present.
+    Computed from cumulative sums (float64)."""
+    window = check_window(window)
+    minp = check_min_periods(min_periods, window)
+
+    def run(flat: F64) -> F64:
+        valid = ~np.isnan(flat)
+        filled = np.where(valid, flat, 0.0)
+        pad = np.zeros((flat.shape[0], 1))
+        csum = np.concatenate([pad, np.cumsum(filled, axis=1)], axis=1)
+        ccount = np.concatenate([pad, np.cumsum(valid, axis=1, dtype=np.float64)], axis=1)
+        hi = np.arange(1, flat.shape[1] + 1)
+        lo = np.maximum(hi - window, 0)
+        total = csum[:, hi] - csum[:, lo]
+        count = ccount[:, hi] - ccount[:, lo]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where((count >= max(minp, 1)) & (count > 0), total / count, np.nan)
+
+    return _apply(x, axis, run)
+
+
+def wma(x: Any, window: int, weights: ArrayLike | None = None, *, axis: int = -1) -> Any:
+    """Weighted moving average: sum_j w_j x_{t-window+j} / sum_j w_j, ``weights[-1]`` on the newest value
+    (default linear 1..window). NaN for the first ``window - 1`` steps and wherever the window holds a NaN."""
+    window = check_window(window)
+    w = wma_weights(window, weights)
+
+    def run(flat: F64) -> F64:
+        out = np.full_like(flat, np.nan)
+        if flat.shape[1] >= window:
+            views = np.lib.stride_tricks.sliding_window_view(flat, window, axis=1)
+            out[:, window - 1 :] = views @ w / w.sum()
+        return out
+
+    return _apply(x, axis, run)
+
+
+def debiased(x: Any, smoothing: float, *, axis: int = -1) -> Any:
+    """TensorBoard's smoothing slider: an EMA from zero with weight ``smoothing`` on the past, divided by
+    1 - smoothing^n (Adam's bias correction), so the first point is not pulled towards 0."""
+    probe = DebiasedStream((), smoothing=smoothing)  # validates smoothing
+
+    def run(flat: F64) -> F64:
+        if np.isfinite(flat).all():
+            s = probe.smoothing
+            last = _lfilter([1.0 - s], [1.0, -s], flat)
+            n = np.arange(1, flat.shape[1] + 1, dtype=np.float64)
+            return np.asarray(last / (1.0 - s**n), dtype=np.float64)
+        stream = DebiasedStream(flat.shape[0], smoothing=smoothing)
+        out = np.empty_like(flat)
+        for t in range(flat.shape[1]):
+            out[:, t] = stream.update(flat[:, t])
+        return out
+
+    return _apply(x, axis, run)

@@ -1,0 +1,234 @@
+"""Streaming moving averages: O(1) state per stream, many streams updated at once.
+
+Every stream gives, value for value, what the batch function of the same name gives on the whole series
+(the tests check it): ``EWMStream`` follows pandas' ``ewm`` recursion (``mean``, ``var``, ``std``) including
+its NaN rules, ``SMAStream``/``WMAStream`` keep their window, ``DebiasedStream`` is TensorBoard's smoothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from polyak.series._params import check_min_periods, check_window, resolve_alpha
+
+__all__ = ["DebiasedStream", "EWMStream", "SMAStream", "WMAStream"]
+
+F64 = NDArray[np.float64]
+
+
+def _shape(shape: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+class _Stream:
+    """state_dict/load_state_dict over the array attributes named in ``_state``."""
+
+    _state: tuple[str, ...] = ()
+    shape: tuple[int, ...]
+
+    def _input(self, x: ArrayLike) -> F64:
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.shape != self.shape:
+            arr = np.broadcast_to(arr, self.shape) if arr.ndim == 0 else arr
+        if arr.shape != self.shape:
+            raise ValueError(f"update expects values of shape {self.shape}, got {arr.shape}")
+        return arr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: np.array(getattr(self, name), copy=True) for name in self._state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [n for n in self._state if n not in state]
+        if missing:
+            raise ValueError(f"{type(self).__name__} state is missing {missing}")
+        for name in self._state:
+            current = getattr(self, name)
+            value = np.asarray(state[name], dtype=current.dtype)
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"{type(self).__name__} state {name!r} has shape {value.shape}, expected {current.shape}"
+                )
+            setattr(self, name, value.copy())
+
+
+class EWMStream(_Stream):
+    """Exponentially weighted mean and variance of ``shape`` streams, pandas ``ewm`` semantics.
+
+    With ``adjust=True`` the mean after n observations is sum_i (1 - alpha)^(n-i) x_i / sum_i (1 - alpha)^(n-i);
+    with ``adjust=False`` it is the recursion m <- (1 - alpha) m + alpha x. A NaN is no observation: with
+    ``ignore_na=False`` time still passes (the weights follow absolute positions), with ``ignore_na=True`` it
+    does not. ``var`` is pandas' ``bias=False`` variance (weights normalised as reliability weights).
+    """
+
+    _state = ("mean", "cov", "old_wt", "sum_wt", "sum_wt2", "nobs")
+
+    def __init__(
+        self,
+        shape: int | tuple[int, ...] = (),
+        *,
+        alpha: float | None = None,
+        span: float | None = None,
+        halflife: float | None = None,
+        com: float | None = None,
+        adjust: bool = True,
+        ignore_na: bool = False,
+        min_periods: int | None = 0,
+        decay_per_unit: float | None = None,
+    ) -> None:
+        self.shape = _shape(shape)
+        if decay_per_unit is None:
+            self.alpha = resolve_alpha(alpha=alpha, span=span, halflife=halflife, com=com)
+        else:  # times: 0.5 per halflife, used by ema(times=...)
+            self.alpha = 1.0 - decay_per_unit
+        self.continuous = decay_per_unit is not None
+        self.adjust = bool(adjust)
+        self.ignore_na = bool(ignore_na)
+        self.min_periods = max(check_min_periods(min_periods, 0), 1)
+        self.mean = np.full(self.shape, np.nan)
+        self.cov = np.zeros(self.shape)
+        self.old_wt = np.ones(self.shape)
+        self.sum_wt = np.ones(self.shape)
+        self.sum_wt2 = np.ones(self.shape)
+        self.nobs = np.zeros(self.shape, dtype=np.int64)
+
+    def update(self, x: ArrayLike, *, elapsed: float | ArrayLike = 1.0) -> F64:
+        """Fold one value per stream (NaN = missing) and return the new means. ``elapsed`` is the time
+        since the previous value in units of the decay (1 per step; delta_t / halflife with times)."""
+        x = self._input(x)
+        factor = (1.0 - self.alpha) ** np.asarray(elapsed, dtype=np.float64)
+        obs = ~np.isnan(x)
+        self.nobs = self.nobs + obs
+        had = ~np.isnan(self.mean)
+        decay = had & (obs | (not self.ignore_na))
+        old_wt = np.where(decay, self.old_wt * factor, self.old_wt)
+        new_wt: float | F64 = 1.0 if self.adjust else self.alpha
+        if self.continuous and not self.adjust:
+            # Irregular times (pandas): m <- w m + (1 - w) x with w = 0.5^(elapsed / halflife).
+            new_wt = 1.0 - old_wt
+        sum_wt = np.where(decay, self.sum_wt * factor, self.sum_wt)
+        sum_wt2 = np.where(decay, self.sum_wt2 * (factor * factor), self.sum_wt2)  # pandas order
+        fold = had & obs
+        # np.where evaluates both branches: the discarded one may divide by zero or hold NaN.
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            total = old_wt + new_wt
+            mean = np.where(self.mean != x, (old_wt * self.mean + new_wt * x) / total, self.mean)
+            cov = (old_wt * (self.cov + (self.mean - mean) ** 2) + new_wt * (x - mean) ** 2) / total
+            self.mean = np.where(fold, mean, np.where(~had & obs, x, self.mean))
+            self.cov = np.where(fold, cov, self.cov)
+            sum_wt = np.where(fold, sum_wt + new_wt, sum_wt)
+            sum_wt2 = np.where(fold, sum_wt2 + new_wt * new_wt, sum_wt2)
+            old_wt = np.where(fold, old_wt + new_wt, old_wt)
+            if not self.adjust:
+                sum_wt = np.where(fold, sum_wt / old_wt, sum_wt)
+                sum_wt2 = np.where(fold, sum_wt2 / (old_wt * old_wt), sum_wt2)
+                old_wt = np.where(fold, 1.0, old_wt)
+        self.old_wt, self.sum_wt, self.sum_wt2 = old_wt, sum_wt, sum_wt2
+        return self.value
+
+    @property
+    def value(self) -> F64:
+        """The current means (NaN until ``min_periods`` observations)."""
+        return np.where(self.nobs >= self.min_periods, self.mean, np.nan)
+
+    def variance(self, *, bias: bool = False) -> F64:
+        if bias:
+            return np.where(self.nobs >= self.min_periods, self.cov, np.nan)
+        numerator = self.sum_wt * self.sum_wt
+        denominator = numerator - self.sum_wt2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = np.where(denominator > 0, numerator / denominator * self.cov, np.nan)
+        return np.where(self.nobs >= self.min_periods, var, np.nan)
+
+    @property
+    def var(self) -> F64:
+        return self.variance()
+
+    @property
+    def std(self) -> F64:
+        return np.sqrt(self.variance())
+
+
+class SMAStream(_Stream):
+    """Simple moving average over the last ``window`` values (NaNs skipped, as pandas ``rolling().mean()``;
+    NaN until ``min_periods`` non-NaN values are in the window, default ``window``)."""
+
+    _state = ("buffer", "count")
+
+    def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, min_periods: int | None = None) -> None:
+        self.shape = _shape(shape)
+        self.window = check_window(window)
+        self.min_periods = check_min_periods(min_periods, self.window)
+        self.buffer = np.full((self.window, *self.shape), np.nan)
+        self.count = np.zeros((), dtype=np.int64)
+
+    def update(self, x: ArrayLike) -> F64:
+        x = self._input(x)
+        self.buffer[int(self.count) % self.window] = x
+        self.count = self.count + 1
+        valid = ~np.isnan(self.buffer)
+        n = valid.sum(axis=0)
+        total = np.where(valid, self.buffer, 0.0).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where((n >= max(self.min_periods, 1)) & (n > 0), total / n, np.nan)
+
+
+class WMAStream(_Stream):
+    """Weighted moving average over the last ``window`` values; ``weights[-1]`` weighs the newest value
+    (default 1, 2, ..., window). NaN while the window is not full or holds a NaN."""
+
+    _state = ("buffer", "count")
+
+    def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, weights: ArrayLike | None = None) -> None:
+        self.shape = _shape(shape)
+        self.window = check_window(window)
+        self.weights = wma_weights(self.window, weights)
+        self.buffer = np.full((self.window, *self.shape), np.nan)
+        self.count = np.zeros((), dtype=np.int64)
+
+    def update(self, x: ArrayLike) -> F64:
+        x = self._input(x)
+        self.buffer[int(self.count) % self.window] = x
+        self.count = self.count + 1
+        order = (np.arange(self.window) + int(self.count)) % self.window  # oldest first
+        window = self.buffer[order]
+        return np.asarray(np.tensordot(self.weights, window, axes=(0, 0)) / self.weights.sum(), dtype=np.float64)
+
+
+def wma_weights(window: int, weights: ArrayLike | None) -> F64:
+    if weights is None:
+        return np.arange(1, window + 1, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (window,):
+        raise ValueError(f"weights must have shape ({window},), got {w.shape}")
+    if not np.isfinite(w).all() or w.sum() == 0:
+        raise ValueError("weights must be finite and must not sum to 0")
+    return w
+
+
+class DebiasedStream(_Stream):
+    """TensorBoard's scalar smoothing: last <- s * last + (1 - s) * x from last = 0, reported as
+    last / (1 - s^n) after n finite values (Adam-style bias correction). Non-finite values pass through
+    and are not folded."""
+
+    _state = ("last", "n")
+
+    def __init__(self, shape: int | tuple[int, ...] = (), *, smoothing: float) -> None:
+        self.shape = _shape(shape)
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
+        self.smoothing = float(smoothing)
+        self.last = np.zeros(self.shape)
+        self.n = np.zeros(self.shape, dtype=np.int64)
+
+    def update(self, x: ArrayLike) -> F64:
+        x = self._input(x)
+        finite = np.isfinite(x)
+        s = self.smoothing
+        self.last = np.where(finite, self.last * s + (1.0 - s) * np.where(finite, x, 0.0), self.last)
+        self.n = self.n + finite
+        with np.errstate(invalid="ignore", divide="ignore"):
+            debiased = self.last / (1.0 - s ** self.n.astype(np.float64))
+        return np.where(finite, debiased, x)
