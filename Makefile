@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.polyak-installed
 # Peers for differential tests: installed with --no-deps so that none of them can pull another torch.
-PEERS  := ema-pytorch==0.8.3 torch-ema==0.3 timm==1.0.31 ultralytics==8.4.190
+PEERS  := ema-pytorch==0.8.3 torch-ema==0.3 timm==1.0.31 ultralytics==8.4.190 diffusers==0.42.1
 
 .PHONY: venv demo test lint typecheck pytest clean
 

@@ -7,6 +7,7 @@ Importing ``polyak`` imports torch and nothing heavier.
 from polyak import schedules
 from polyak.bn import update_bn
 from polyak.ema import EMA, NonFinitePolicy
+from polyak.io import load, save
 
-__all__ = ["EMA", "NonFinitePolicy", "schedules", "update_bn"]
+__all__ = ["EMA", "NonFinitePolicy", "load", "save", "schedules", "update_bn"]
 __version__ = "0.1.0"
