@@ -327,6 +327,28 @@ def test_unwritable_directory(tmp_path: Path, model: nn.Module) -> None:
         locked.chmod(0o700)
 
 
+def test_unwritable_destination_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> None:
+    """As root the permission bits are ignored, so simulate a read-only directory/filesystem too: the
+    check refuses it, and a create that fails anyway (EROFS) leaves the old file and no temp file."""
+    ema = polyak.EMA(model, decay=0.9)
+    path = polyak.save(tmp_path / "c.safetensors", ema)
+    old = path.read_bytes()
+    ema.update()
+    monkeypatch.setattr(_atomic.os, "access", lambda *_args, **_kw: False)
+    with pytest.raises(PermissionError, match="not writable"):
+        polyak.save(path, ema)
+    monkeypatch.undo()
+
+    def read_only(*_args: object, **_kw: object) -> tuple[int, str]:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(_atomic.tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError, match="Read-only"):
+        polyak.save(path, ema)
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_disk_full_keeps_old_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: nn.Module, suffix: str
