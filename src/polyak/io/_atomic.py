@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,17 +36,20 @@ def _write_chunk(handle: BinaryIO, chunk: memoryview) -> None:
     handle.write(chunk)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns the path. Raises the OSError of a failed write
-    (e.g. ``ENOSPC``) after removing the temporary file; the previous ``path`` is left untouched."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview | Sequence[bytes | memoryview]) -> Path:
+    """Write ``data`` (bytes, or a sequence of parts written one after the other) to ``path`` atomically;
+    returns the path. Raises the OSError of a failed write (e.g. ``ENOSPC``) after removing the temporary
+    file; the previous ``path`` is left untouched."""
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     target = check_writable_destination(path)
     parent = target.parent if str(target.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            view = memoryview(data)
-            for start in range(0, len(view), CHUNK_BYTES):
-                _write_chunk(handle, view[start : start + CHUNK_BYTES])
+            for part in parts:
+                view = memoryview(part)
+                for start in range(0, len(view), CHUNK_BYTES):
+                    _write_chunk(handle, view[start : start + CHUNK_BYTES])
             handle.flush()
             os.fsync(handle.fileno())
         if target.exists():  # keep the previous file's permission bits

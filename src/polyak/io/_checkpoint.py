@@ -117,7 +117,7 @@ def _header_metadata(payload: dict[str, Any]) -> dict[str, str]:
     return meta
 
 
-def _to_safetensors_bytes(payload: dict[str, Any]) -> bytes:
+def _to_safetensors_bytes(payload: dict[str, Any]) -> list[bytes | memoryview]:
     from safetensors.torch import save as st_save
 
     skeleton, tensors = _tree.flatten(payload, "")
@@ -131,7 +131,7 @@ def _to_safetensors_bytes(payload: dict[str, Any]) -> bytes:
     header["__metadata__"]["sha256"] = hashlib.sha256(data).hexdigest()
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded + bytes(data)
+    return [len(encoded).to_bytes(8, "little") + encoded, data]  # parts: the tensor bytes are not copied
 
 
 def _to_pt_bytes(payload: dict[str, Any]) -> bytes:
