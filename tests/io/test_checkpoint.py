@@ -23,6 +23,7 @@ the live objects):
 18. disk full mid-write (ENOSPC): the old file is intact and no temporary file is left
 19. a section asked for but not saved (optimizer=)
 20. an unsupported object in ``extra`` for safetensors
+21. an optimizer built over other parameters (checked before the EMA and model are touched)
 """
 
 from __future__ import annotations
@@ -386,3 +387,18 @@ def test_unsupported_extra_for_safetensors(tmp_path: Path, model: nn.Module) -> 
     with pytest.raises(TypeError, match=r"cannot store object at 'extra.thing'"):
         polyak.save(tmp_path / "x.safetensors", polyak.EMA(model, decay=0.9), extra={"thing": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_optimizer_mismatch_changes_nothing(tmp_path: Path, model: nn.Module) -> None:
+    ema = polyak.EMA(model, decay=0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 4)).sum().backward()
+    opt.step()
+    ema.update()
+    path = polyak.save(tmp_path / "c.safetensors", ema, model=model, optimizer=opt)
+    model2, ema2, bm, be = _fresh()
+    opt2 = torch.optim.AdamW(list(model2.parameters())[:2], lr=0.1)
+    with pytest.raises(ValueError, match="group 0 holds 6 parameters in the file and 2 here"):
+        polyak.load(path, ema2, model=model2, optimizer=opt2)
+    _assert_untouched(model2, ema2, bm, be)
+    assert opt2.state_dict()["state"] == {}

@@ -103,3 +103,19 @@ def test_convert_list_format_without_model_is_explained(tmp_path: Path, capsys: 
     )
     assert main(["extract", str(tmp_path / "te.pt"), "-o", str(tmp_path / "o.safetensors")]) == 2
     assert "parameter order" in capsys.readouterr().err
+
+
+def test_inspect_peer_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = make_model(0)
+    ema = polyak.EMA(model, decay=0.8)
+    polyak.io.export(tmp_path / "timm.pth", ema, format="timm")
+    assert main(["inspect", str(tmp_path / "timm.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "format:  timm" in out
+    assert "state_dict_ema.0.weight" in out
+    assert "raw vs EMA: 0/8 float tensors differ" in out  # nothing trained yet: average == weights
+    polyak.io.export(tmp_path / "u.pt", ema, format="ultralytics")
+    assert main(["inspect", str(tmp_path / "u.pt")]) == 2
+    assert "trust_pickle=True" in capsys.readouterr().err
+    assert main(["inspect", "--trust-pickle", str(tmp_path / "u.pt")]) == 0
+    assert "format:  ultralytics" in capsys.readouterr().out

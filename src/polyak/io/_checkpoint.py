@@ -298,8 +298,12 @@ def load(
         if model_state is None:
             raise ValueError(f"{name!r} holds no raw model weights (saved without model=); load it with model=None")
         check_model_state(model, model_state, what=name)
-    if optimizer is not None and ckpt.optimizer is None:
-        raise ValueError(f"{name!r} holds no optimizer state (saved without optimizer=); load it with optimizer=None")
+    if optimizer is not None:
+        if ckpt.optimizer is None:
+            raise ValueError(
+                f"{name!r} holds no optimizer state (saved without optimizer=); load it with optimizer=None"
+            )
+        check_optimizer_state(optimizer, ckpt.optimizer, what=name)
     if ema_state is not None:
         ema.load_state_dict(ema_state)  # validates everything before changing anything
     if model is not None and model_state is not None:
@@ -347,6 +351,25 @@ def check_model_state(model: nn.Module, state: Mapping[str, Any], *, what: str) 
             )
         if (src.is_floating_point() or src.is_complex()) and not bool(torch.isfinite(src).all()):
             raise ValueError(f"{what}: {key!r} holds NaN/inf; refusing to load corrupt weights")
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], *, what: str) -> None:
+    """The checks ``Optimizer.load_state_dict`` makes, done up front so a mismatch changes nothing."""
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if not isinstance(groups, list) or not isinstance(state.get("state"), Mapping):
+        raise ValueError(f"{what}: corrupt optimizer state (expected 'state' and 'param_groups')")
+    ours = optimizer.param_groups
+    if len(groups) != len(ours):
+        raise ValueError(
+            f"{what}: the optimizer state has {len(groups)} parameter group(s), this optimizer has {len(ours)}; "
+            "build the optimizer the same way as when saving"
+        )
+    for i, (saved, own) in enumerate(zip(groups, ours)):
+        if len(saved.get("params", [])) != len(own["params"]):
+            raise ValueError(
+                f"{what}: optimizer parameter group {i} holds {len(saved.get('params', []))} parameters in the "
+                f"file and {len(own['params'])} here; build the optimizer over the same parameters"
+            )
 
 
 def _load_model(model: nn.Module, state: Mapping[str, Any]) -> None:
