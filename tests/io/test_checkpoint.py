@@ -24,6 +24,7 @@ the live objects):
 19. a section asked for but not saved (optimizer=)
 20. an unsupported object in ``extra`` for safetensors
 21. an optimizer built over other parameters (checked before the EMA and model are touched)
+22. a writer process killed with SIGKILL while its temporary file is being written
 """
 
 from __future__ import annotations
@@ -402,3 +403,49 @@ def test_optimizer_mismatch_changes_nothing(tmp_path: Path, model: nn.Module) ->
         polyak.load(path, ema2, model=model2, optimizer=opt2)
     _assert_untouched(model2, ema2, bm, be)
     assert opt2.state_dict()["state"] == {}
+
+
+_WRITER = """
+import sys, torch, polyak
+from torch import nn
+model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(6)])  # 24 MiB of weights per copy
+ema = polyak.EMA(model, decay=0.9)
+print("ready", flush=True)
+step = 0
+while True:
+    step += 1
+    ema.update()
+    polyak.save(sys.argv[1], ema, model=model)
+"""
+
+
+def test_kill_mid_write_leaves_a_complete_file(tmp_path: Path) -> None:
+    """SIGKILL a process that saves in a loop: whatever moment it dies, the file on disk is a complete,
+    checksummed checkpoint (the old or the new one, never a mix). Only a stale hidden temp file may stay."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "live.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 20
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # kill while a later write is in flight: its temporary file exists, the rename has not happened
+        while not any(p.suffix == ".tmp" for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    ckpt = polyak.io.read(path)  # verifies size and sha256
+    assert ckpt.ema is not None
+    assert ckpt.ema["step"] >= 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p != path]
+    assert leftovers, "the kill did not land mid-write; the test proved nothing"
+    assert all(name.startswith(".live.safetensors.") and name.endswith(".tmp") for name in leftovers)
