@@ -449,3 +449,19 @@ def test_kill_mid_write_leaves_a_complete_file(tmp_path: Path) -> None:
     leftovers = [p.name for p in tmp_path.iterdir() if p != path]
     assert leftovers, "the kill did not land mid-write; the test proved nothing"
     assert all(name.startswith(".live.safetensors.") and name.endswith(".tmp") for name in leftovers)
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"], ids=["pickle-like", "zip-like"])
+def test_safetensors_header_length_that_looks_like_torch(tmp_path: Path, first_bytes: bytes) -> None:
+    """Regression (found by the hypothesis test): a header length whose bytes read ``\\x80`` or ``PK``
+    must not send a safetensors file to torch.load."""
+    target = int.from_bytes(first_bytes.ljust(2, b"\x00"), "little") if first_bytes == b"PK" else 0x80 + 256 * 8
+    path = tmp_path / "x.safetensors"
+    base = len(polyak.save(path, extra={"s": ""}).read_bytes()[8:].split(b"}", 1)[0])
+    for n in range(max(0, target - base - 400), target - base + 400):
+        polyak.save(path, extra={"s": "x" * n})
+        if path.read_bytes().startswith(first_bytes):
+            break
+    else:
+        pytest.fail("could not build a header of the wanted length")
+    assert polyak.io.read(path).extra == {"s": "x" * n}

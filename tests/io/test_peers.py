@@ -128,7 +128,8 @@ def test_torch_ema_both_ways(tmp_path: Path) -> None:
     _train(model, 5, peer.update)
     torch.save(peer.state_dict(), tmp_path / "peer.pt")
     target = make_model(1)
-    ema = from_peer(tmp_path / "peer.pt", target, decay=0.8)
+    ema = from_peer(tmp_path / "peer.pt", target)  # decay read from the file
+    assert repr(ema.schedules[0]) == "constant(decay=0.8)"
     averaged = ema.averaged_state_dict()
     for (name, _), shadow in zip(target.named_parameters(), peer.shadow_params):
         assert torch.equal(averaged[name], shadow), name

@@ -154,9 +154,18 @@ def read(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpo
     if not target.exists():
         raise FileNotFoundError(f"no such checkpoint: {str(target)!r}")
     blob = target.read_bytes()
-    if blob[:2] == b"PK" or blob[:1] == b"\x80":  # zip (torch.save) or legacy pickle
+    if _looks_like_torch(blob):
         return _from_object(_torch_load(blob, target, trust_pickle), target)
     return _read_safetensors(blob, target)
+
+
+def _looks_like_torch(blob: bytes) -> bool:
+    """torch.save writes a zip (``PK\x03\x04``) or, in the legacy format, a pickle (``\x80``). A
+    safetensors file starts with its header length and has ``{`` at byte 8; the length's own bytes can be
+    ``\x80`` or ``PK``, so the ``{`` decides first."""
+    if blob[8:9] == b"{":
+        return False
+    return blob[:4] == b"PK\x03\x04" or blob[:1] == b"\x80"
 
 
 def _read_safetensors(blob: bytes, target: Path) -> Checkpoint:

@@ -197,7 +197,8 @@ def from_peer(
 ) -> Any:
     """Build a ``polyak.EMA`` on ``model`` from a peer checkpoint file (``ema_kwargs`` go to ``EMA``).
 
-    ``format="auto"`` detects it. Ultralytics files need ``trust_pickle=True`` (UNSAFE: unpickling runs
+    ``format="auto"`` detects it. Without ``decay=``, torch_ema/diffusers files give their stored constant
+    decay; other peers do not store theirs, and polyak's default (0.9999) applies. Ultralytics files need ``trust_pickle=True`` (UNSAFE: unpickling runs
     code from the file; only for files you made yourself).
     """
     from polyak.ema import EMA
@@ -207,6 +208,8 @@ def from_peer(
     kind = ckpt.kind if format == "auto" else format
     if kind == "polyak":
         raise ValueError(f"{str(path)!r} is a polyak checkpoint; use polyak.load(path, ema)")
+    if "decay" not in ema_kwargs and kind in LIST_FORMATS and isinstance(ckpt.raw.get("decay"), float):
+        ema_kwargs["decay"] = ckpt.raw["decay"]  # the constant decay torch_ema/diffusers store
     ema = EMA(model, **ema_kwargs)
     ema.load_state_dict(to_polyak_state(ckpt.raw, ema, kind=kind))
     return ema
