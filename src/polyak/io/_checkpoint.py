@@ -144,64 +144,79 @@ def _to_pt_bytes(payload: dict[str, Any]) -> bytes:
 def read(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
     """Read any supported checkpoint into a :class:`Checkpoint` without touching a model.
 
-    Verifies size and checksum of polyak safetensors files; ``.pt`` files load with
-    ``weights_only=True`` unless ``trust_pickle=True`` (UNSAFE: unpickling can run arbitrary code; only
-    for files you made yourself, e.g. Ultralytics checkpoints that pickle the whole model).
+    Verifies size and checksum of polyak safetensors files (streamed: the file is not held twice in
+    memory); ``.pt`` files load with ``weights_only=True`` unless ``trust_pickle=True`` (UNSAFE:
+    unpickling can run arbitrary code; only for files you made yourself, e.g. Ultralytics checkpoints
+    that pickle the whole model).
     """
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{str(target)!r} is a directory, not a checkpoint file")
     if not target.exists():
         raise FileNotFoundError(f"no such checkpoint: {str(target)!r}")
-    blob = target.read_bytes()
-    if _looks_like_torch(blob):
-        return _from_object(_torch_load(blob, target, trust_pickle), target)
-    return _read_safetensors(blob, target)
+    with open(target, "rb") as handle:
+        head = handle.read(9)
+    if _looks_like_torch(head):
+        return _from_object(_torch_load(target, trust_pickle), target)
+    return _read_safetensors(target)
 
 
-def _looks_like_torch(blob: bytes) -> bool:
-    """torch.save writes a zip (``PK\x03\x04``) or, in the legacy format, a pickle (``\x80``). A
+def _looks_like_torch(head: bytes) -> bool:
+    """torch.save writes a zip (``PK\\x03\\x04``) or, in the legacy format, a pickle (``\\x80``). A
     safetensors file starts with its header length and has ``{`` at byte 8; the length's own bytes can be
-    ``\x80`` or ``PK``, so the ``{`` decides first."""
-    if blob[8:9] == b"{":
+    ``\\x80`` or ``PK``, so the ``{`` decides first."""
+    if head[8:9] == b"{":
         return False
-    return blob[:4] == b"PK\x03\x04" or blob[:1] == b"\x80"
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
-def _read_safetensors(blob: bytes, target: Path) -> Checkpoint:
-    from safetensors.torch import load as st_load
+def _read_safetensors(target: Path) -> Checkpoint:
+    """Check the header against the file size (truncation is named), stream the sha256 of the tensor
+    bytes, then load the tensors."""
+    from safetensors.torch import load_file
 
     name = str(target)
-    if len(blob) < 8:
-        raise ValueError(f"{name!r} is truncated or not a checkpoint: only {len(blob)} bytes")
-    header_len = int.from_bytes(blob[:8], "little")
-    if header_len > 100_000_000:
-        raise ValueError(f"{name!r} is not a safetensors or torch checkpoint (unrecognised first bytes)")
-    if 8 + header_len > len(blob):
-        raise ValueError(
-            f"{name!r} is truncated: the safetensors header needs {header_len} bytes but the file ends after "
-            f"{len(blob) - 8}; the write was interrupted, restore it from a previous copy"
-        )
+    size = target.stat().st_size
+    with open(target, "rb") as handle:
+        first = handle.read(8)
+        if len(first) < 8:
+            raise ValueError(f"{name!r} is truncated or not a checkpoint: only {size} bytes")
+        header_len = int.from_bytes(first, "little")
+        if header_len > 100_000_000:
+            raise ValueError(f"{name!r} is not a safetensors or torch checkpoint (unrecognised first bytes)")
+        if 8 + header_len > size:
+            raise ValueError(
+                f"{name!r} is truncated: the safetensors header needs {header_len} bytes but the file ends after "
+                f"{size - 8}; the write was interrupted, restore it from a previous copy"
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{name!r} is not a safetensors or torch checkpoint (header is not JSON: {exc})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{name!r} is not a safetensors checkpoint (header is not a JSON object)")
+        meta = header.get("__metadata__") or {}
+        data_len = size - 8 - header_len
+        try:
+            needed = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            declared = int(meta["payload_bytes"]) if "payload_bytes" in meta else needed
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ValueError(f"{name!r} is not a valid safetensors file (malformed header)") from None
+        if data_len < max(needed, declared):
+            raise ValueError(
+                f"{name!r} is truncated: {data_len} bytes of tensor data, the header declares "
+                f"{max(needed, declared)}; the write was interrupted, restore it from a previous copy"
+            )
+        if "sha256" in meta:
+            digest = hashlib.sha256()
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+            if digest.hexdigest() != meta["sha256"]:
+                raise ValueError(
+                    f"{name!r} is corrupt: the sha256 of its tensor data does not match the one saved with it"
+                )
     try:
-        header = json.loads(blob[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{name!r} is not a safetensors or torch checkpoint (header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{name!r} is not a safetensors checkpoint (header is not a JSON object)")
-    meta = header.get("__metadata__") or {}
-    data_len = len(blob) - 8 - header_len
-    needed = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    declared = int(meta["payload_bytes"]) if "payload_bytes" in meta else needed
-    if data_len < max(needed, declared):
-        raise ValueError(
-            f"{name!r} is truncated: {data_len} bytes of tensor data, the header declares {max(needed, declared)}; "
-            "the write was interrupted, restore it from a previous copy"
-        )
-    data = memoryview(blob)[8 + header_len :]
-    if "sha256" in meta and hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ValueError(f"{name!r} is corrupt: the sha256 of its tensor data does not match the one saved with it")
-    try:
-        tensors = st_load(blob)
+        tensors = load_file(target, device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise ValueError(f"{name!r} is not a valid safetensors file: {exc}") from None
     if meta.get("format") != CHECKPOINT_FORMAT:  # a plain safetensors file, e.g. extracted weights
@@ -234,10 +249,10 @@ def _check_version(version: object, name: str) -> None:
         )
 
 
-def _torch_load(blob: bytes, target: Path, trust_pickle: bool) -> Any:
+def _torch_load(target: Path, trust_pickle: bool) -> Any:
     name = str(target)
     try:
-        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(target, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
@@ -246,9 +261,8 @@ def _torch_load(blob: bytes, target: Path, trust_pickle: bool) -> Any:
             "pass trust_pickle=True (UNSAFE for files from others)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(
-            f"{name!r} is truncated or corrupt: torch could not read it ({str(exc).splitlines()[0] if str(exc) else exc!r})"
-        ) from None
+        detail = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise ValueError(f"{name!r} is truncated or corrupt: torch could not read it ({detail})") from None
 
 
 def _from_object(obj: Any, target: Path) -> Checkpoint:
@@ -358,8 +372,14 @@ def check_model_state(model: nn.Module, state: Mapping[str, Any], *, what: str) 
                 f"{what}: dtype mismatch for {key!r}: file has {src.dtype}, model has {dst.dtype}; "
                 f"convert the model first (model.to({src.dtype}))"
             )
-        if (src.is_floating_point() or src.is_complex()) and not bool(torch.isfinite(src).all()):
+        if (src.is_floating_point() or src.is_complex()) and not _all_finite(src):
             raise ValueError(f"{what}: {key!r} holds NaN/inf; refusing to load corrupt weights")
+
+
+def _all_finite(t: Tensor) -> bool:
+    """One reduction (no temporary bool tensor); a non-finite sum is re-checked element-wise, since
+    finite values can also sum past the float range."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], *, what: str) -> None:
