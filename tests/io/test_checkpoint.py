@@ -465,3 +465,22 @@ def test_safetensors_header_length_that_looks_like_torch(tmp_path: Path, first_b
     else:
         pytest.fail("could not build a header of the wanted length")
     assert polyak.io.read(path).extra == {"s": "x" * n}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_ema_round_trips_through_cpu_file(tmp_path: Path) -> None:
+    model = make_model(0).cuda()
+    ema = polyak.EMA(model, decay=0.9)
+    model(torch.randn(4, 4, device="cuda")).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p.grad)
+    ema.update()
+    path = polyak.save(tmp_path / "c.safetensors", ema, model=model)
+    model2 = make_model(1).cuda()
+    ema2 = polyak.EMA(model2, decay=0.9)
+    polyak.load(path, ema2, model=model2)
+    for key, value in ema.averaged_state_dict().items():
+        assert value.device.type == "cuda"
+        assert torch.equal(ema2.averaged_state_dict()[key], value), key

@@ -114,6 +114,12 @@ def test_inspect_peer_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "format:  timm" in out
     assert "state_dict_ema.0.weight" in out
     assert "raw vs EMA: 0/8 float tensors differ" in out  # nothing trained yet: average == weights
+    polyak.io.export(tmp_path / "te.pt", ema, format="torch_ema")
+    assert main(["inspect", str(tmp_path / "te.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "format:  torch_ema" in out
+    assert "step:    0" in out
+    assert "decay:   0.8" in out
     polyak.io.export(tmp_path / "u.pt", ema, format="ultralytics")
     assert main(["inspect", str(tmp_path / "u.pt")]) == 2
     assert "trust_pickle=True" in capsys.readouterr().err

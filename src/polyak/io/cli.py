@@ -13,6 +13,7 @@ from torch import Tensor
 
 __all__ = ["add_commands"]
 
+_PEER_STEP_KEYS = ("step", "num_updates", "optimization_step", "n_averaged", "updates")
 _CONVERT_TARGETS = ("polyak", "timm", "ema_pytorch", "averaged_model", "state_dict")
 
 
@@ -91,6 +92,12 @@ def _inspect(args: argparse.Namespace) -> int:
         others = {k: v for k, v in config.items() if k != "decay"}
         print(f"config:  {others}")
         print(f"averages: {len(ema.get('averages') or [])}")
+    elif ckpt.kind != "polyak" and isinstance(ckpt.raw, Mapping):
+        step = next((ckpt.raw[k] for k in _PEER_STEP_KEYS if k in ckpt.raw), None)
+        if step is not None:
+            print(f"step:    {int(step)}")
+        if isinstance(ckpt.raw.get("decay"), (int, float)):
+            print(f"decay:   {ckpt.raw['decay']}")
     print(f"sections: {', '.join(_sections(ckpt))}")
     if ckpt.metadata.get("sha256"):
         print(f"sha256:  {ckpt.metadata['sha256']} (verified)")
