@@ -169,9 +169,14 @@ def _extract(args: argparse.Namespace) -> int:
     from polyak.io.peers import save_plain_safetensors
 
     ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
-    averaged, _, _ = averaged_from_checkpoint(ckpt, args.index)
+    averaged, _, raw = averaged_from_checkpoint(ckpt, args.index)
     _write_state(args.output, averaged, save_plain_safetensors)
-    print(f"wrote {len(averaged)} averaged tensors to {args.output}")
+    print(f"wrote {len(averaged)} tensors to {args.output}")
+    if raw is None and ckpt.kind == "polyak":
+        print(
+            "note: the checkpoint holds no raw model (saved without model=), so only the averaged tensors were "
+            "written, in the shadow dtype; load them with model.load_state_dict(..., strict=False)"
+        )
     return 0
 
 
