@@ -9,8 +9,9 @@ from typing import Any
 from polyak import schedules
 from polyak.bn import update_bn
 from polyak.ema import EMA, NonFinitePolicy
+from polyak.io import load, save
 
-__all__ = ["EMA", "NonFinitePolicy", "schedules", "series", "update_bn"]
+__all__ = ["EMA", "NonFinitePolicy", "load", "save", "schedules", "series", "update_bn"]
 __version__ = "0.1.0"
 
 

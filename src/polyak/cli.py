@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 # Modules that contribute subcommands. Each defines add_commands(subparsers) -> None; each parser sets
 # `func` (args -> exit code) with set_defaults.
-_COMMAND_MODULES: tuple[str, ...] = ("polyak.experiments.cli", "polyak.series.cli")
+_COMMAND_MODULES: tuple[str, ...] = ("polyak.experiments.cli", "polyak.series.cli", "polyak.io.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

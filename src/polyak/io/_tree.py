@@ -1,0 +1,95 @@
+"""Split a nested checkpoint (dicts, lists, tuples, numbers, strings, tensors) into flat named tensors
+and a JSON skeleton, and join them back exactly.
+
+safetensors stores only flat ``{name: tensor}`` plus ``{str: str}`` metadata, so every non-tensor value
+goes into a JSON skeleton in which a tensor is ``{"__tensor__": name}``. Dicts are stored as a list of
+``[key, value]`` pairs so that int keys (optimizer state) and key order survive; tuples are tagged.
+Python floats survive JSON exactly (shortest repr round-trips), NaN/inf included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_TENSOR = "__tensor__"
+_DICT = "__dict__"
+_TUPLE = "__tuple__"
+_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def flatten(tree: Any, prefix: str) -> tuple[Any, dict[str, Tensor]]:
+    """Return ``(skeleton, tensors)``; tensor names are dotted paths under ``prefix``."""
+    tensors: dict[str, Tensor] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+
+    def name_for(path: str) -> str:
+        name, n = path, 1
+        while name in tensors:
+            n += 1
+            name = f"{path}#{n}"
+        return name
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, Tensor):
+            t = node.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.contiguous()
+            ident = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype)
+            if t.numel() and ident in seen:  # tied / shared tensors: safetensors stores each storage once
+                t = t.clone()
+            elif t.numel():
+                seen[ident] = path
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view into a larger storage
+            name = name_for(path)
+            tensors[name] = t
+            return {_TENSOR: name}
+        if isinstance(node, bool) or node is None or isinstance(node, (int, float, str)):
+            return node
+        if isinstance(node, dict):
+            items = []
+            for key, value in node.items():
+                if not isinstance(key, _KEY_TYPES):
+                    raise TypeError(f"cannot store key {key!r} at {path!r}: keys must be str, int, float, bool or None")
+                items.append([key, walk(value, _join(path, key))])
+            return {_DICT: items}
+        if isinstance(node, tuple):
+            return {_TUPLE: [walk(v, _join(path, i)) for i, v in enumerate(node)]}
+        if isinstance(node, list):
+            return [walk(v, _join(path, i)) for i, v in enumerate(node)]
+        if isinstance(node, torch.dtype):
+            return {"__dtype__": str(node).removeprefix("torch.")}
+        raise TypeError(
+            f"cannot store {type(node).__name__} at {path!r} in a safetensors checkpoint: only tensors, numbers, "
+            "strings, None, lists, tuples and dicts; convert it, or save with format='pt'"
+        )
+
+    return walk(tree, prefix), tensors
+
+
+def unflatten(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of :func:`flatten`. Raises ValueError naming a tensor the skeleton refers to but the file lacks."""
+    if isinstance(skeleton, list):
+        return [unflatten(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if _TENSOR in skeleton:
+            name = skeleton[_TENSOR]
+            if name not in tensors:
+                raise ValueError(f"corrupt checkpoint: tensor {name!r} is referenced by the metadata but missing")
+            return tensors[name]
+        if _DICT in skeleton:
+            return {key: unflatten(value, tensors) for key, value in skeleton[_DICT]}
+        if _TUPLE in skeleton:
+            return tuple(unflatten(v, tensors) for v in skeleton[_TUPLE])
+        if "__dtype__" in skeleton:
+            return getattr(torch, skeleton["__dtype__"])
+        raise ValueError(f"corrupt checkpoint metadata: unknown node {sorted(skeleton)!r}")
+    return skeleton

@@ -1,0 +1,230 @@
+"""``polyak inspect | extract | convert``: look inside a checkpoint, pull out the averaged weights, and
+convert between polyak and peer formats. Errors exit with code 2 and a one-line message."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["add_commands"]
+
+_PEER_STEP_KEYS = ("step", "num_updates", "optimization_step", "n_averaged", "updates")
+_CONVERT_TARGETS = ("polyak", "timm", "ema_pytorch", "averaged_model", "state_dict")
+
+
+def add_commands(subparsers: Any) -> None:
+    inspect = subparsers.add_parser("inspect", help="show what a checkpoint holds (format, step, decay, tensors)")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--trust-pickle", action="store_true", help="UNSAFE: allow pickled objects (Ultralytics)")
+    inspect.add_argument("--max-tensors", type=int, default=40, help="how many tensors to list (default 40)")
+    inspect.set_defaults(func=_inspect)
+
+    extract = subparsers.add_parser("extract", help="write the averaged weights as a plain model checkpoint")
+    extract.add_argument("checkpoint")
+    extract.add_argument("-o", "--output", required=True, help="output file (.safetensors, or .pt/.pth)")
+    extract.add_argument("--index", type=int, default=0, help="which average, for multi-decay EMAs (default 0)")
+    extract.add_argument("--trust-pickle", action="store_true", help="UNSAFE: allow pickled objects (Ultralytics)")
+    extract.set_defaults(func=_extract)
+
+    convert = subparsers.add_parser("convert", help="convert a checkpoint to another library's EMA format")
+    convert.add_argument("checkpoint")
+    convert.add_argument("--to", required=True, choices=_CONVERT_TARGETS, dest="to")
+    convert.add_argument("-o", "--output", required=True)
+    convert.add_argument("--index", type=int, default=0, help="which average, for multi-decay EMAs (default 0)")
+    convert.add_argument("--trust-pickle", action="store_true", help="UNSAFE: allow pickled objects (Ultralytics)")
+    convert.set_defaults(func=_convert)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def averaged_from_checkpoint(ckpt: Any, index: int) -> tuple[dict[str, Tensor], int | None, dict[str, Tensor] | None]:
+    """(averaged weights keyed like the model, step, raw model weights or None) from any checkpoint."""
+    from polyak._select import normalize_key
+    from polyak.io.peers import averaged_weights, raw_model_state
+
+    if ckpt.kind != "polyak":
+        weights, step = averaged_weights(ckpt.raw, ckpt.kind)
+        return weights, step, raw_model_state(ckpt.raw, ckpt.kind)
+    ema = ckpt.ema
+    if not isinstance(ema, Mapping):
+        raise ValueError("this polyak checkpoint holds no EMA state (saved without an EMA)")
+    averages = ema.get("averages") or []
+    if not -len(averages) <= index < len(averages):
+        raise ValueError(f"--index {index} out of range: the checkpoint keeps {len(averages)} average(s)")
+    shadow: dict[str, Tensor] = dict(averages[index])
+    config = ema.get("config") or {}
+    if config.get("debias"):
+        correction = 1.0 - float(ema["products"][index])
+        if correction > 0.0:
+            shadow = {k: v / correction for k, v in shadow.items()}
+    raw = ckpt.model if isinstance(ckpt.model, Mapping) else None
+    if raw is None:
+        return shadow, int(ema.get("step", 0)), None
+    out: dict[str, Tensor] = {}
+    for key, value in raw.items():
+        norm = normalize_key(str(key))
+        out[str(key)] = shadow[norm].to(value.dtype) if norm in shadow else value
+    return out, int(ema.get("step", 0)), dict(raw)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from polyak.io._checkpoint import read
+
+    ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
+    print(f"file:    {args.checkpoint}")
+    print(f"format:  {ckpt.kind}")
+    if ckpt.kind == "polyak" and isinstance(ckpt.ema, Mapping):
+        ema = ckpt.ema
+        config = ema.get("config") or {}
+        print(f"step:    {ema.get('step')}  (skipped updates: {ema.get('skipped_updates', 0)})")
+        print(f"decay:   {config.get('decay')}")
+        others = {k: v for k, v in config.items() if k != "decay"}
+        print(f"config:  {others}")
+        print(f"averages: {len(ema.get('averages') or [])}")
+    elif ckpt.kind != "polyak" and isinstance(ckpt.raw, Mapping):
+        step = next((ckpt.raw[k] for k in _PEER_STEP_KEYS if k in ckpt.raw), None)
+        if step is not None:
+            print(f"step:    {int(step)}")
+        if isinstance(ckpt.raw.get("decay"), (int, float)):
+            print(f"decay:   {ckpt.raw['decay']}")
+    print(f"sections: {', '.join(_sections(ckpt))}")
+    if ckpt.metadata.get("sha256"):
+        print(f"sha256:  {ckpt.metadata['sha256']} (verified)")
+    tensors = _all_tensors(ckpt)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(f"tensors: {len(tensors)}, {_fmt_bytes(total)}")
+    for name, t in list(tensors.items())[: args.max_tensors]:
+        print(f"  {name:<60} {str(t.dtype).removeprefix('torch.'):<9} {list(t.shape)}")
+    if len(tensors) > args.max_tensors:
+        print(f"  ... {len(tensors) - args.max_tensors} more (--max-tensors)")
+    try:
+        averaged, _, raw = averaged_from_checkpoint(ckpt, 0)
+    except ValueError:
+        raw = None
+    if raw is not None:
+        _print_difference(averaged, raw)
+    return 0
+
+
+def _sections(ckpt: Any) -> list[str]:
+    if ckpt.kind == "polyak":
+        return [s for s in ("ema", "model", "optimizer", "extra") if getattr(ckpt, s) is not None]
+    return [str(k) for k in ckpt.raw if not isinstance(ckpt.raw[k], Tensor)][:10] or ["tensors"]
+
+
+def _all_tensors(ckpt: Any) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, Tensor):
+            out[path] = node
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{path}.{i}" if path else str(i))
+        elif isinstance(node, torch.nn.Module):
+            walk(node.state_dict(), path)
+
+    walk(ckpt.raw, "")
+    return out
+
+
+def _print_difference(averaged: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> None:
+    """Relative L2 distance between raw and averaged weights, overall and the largest tensors."""
+    rows = []
+    num = den = 0.0
+    for key, r in raw.items():
+        a = averaged.get(key)
+        if a is None or not (r.is_floating_point() and a.is_floating_point()):
+            continue
+        diff = float((a.double() - r.double()).norm())
+        size = float(r.double().norm())
+        num += diff**2
+        den += size**2
+        rows.append((diff / size if size else diff, diff, key))
+    if not rows:
+        return
+    overall = math.sqrt(num) / math.sqrt(den) if den else math.sqrt(num)
+    differing = sum(1 for rel, _, _ in rows if rel > 0)
+    print(f"raw vs EMA: {differing}/{len(rows)} float tensors differ; relative L2 distance {overall:.3e}")
+    for rel, diff, key in sorted(rows, reverse=True)[:5]:
+        print(f"  {key:<60} rel {rel:.3e}  abs {diff:.3e}")
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from polyak.io._checkpoint import read
+    from polyak.io.peers import save_plain_safetensors
+
+    ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
+    averaged, _, raw = averaged_from_checkpoint(ckpt, args.index)
+    _write_state(args.output, averaged, save_plain_safetensors)
+    print(f"wrote {len(averaged)} tensors to {args.output}")
+    if raw is None and ckpt.kind == "polyak":
+        print(
+            "note: the checkpoint holds no raw model (saved without model=), so only the averaged tensors were "
+            "written, in the shadow dtype; load them with model.load_state_dict(..., strict=False)"
+        )
+    return 0
+
+
+def _write_state(path: str, state: Mapping[str, Any], save_plain: Any) -> None:
+    import io
+
+    from polyak.io._atomic import atomic_write_bytes
+    from polyak.io._checkpoint import file_format_for
+
+    if file_format_for(path, None) == "safetensors":
+        save_plain(path, state)
+        return
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from polyak.io._checkpoint import read
+    from polyak.io.peers import peer_state, save_plain_safetensors
+
+    ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
+    averaged, step, raw = averaged_from_checkpoint(ckpt, args.index)
+    if args.to == "polyak":
+        from polyak._select import normalize_key
+        from polyak.io._checkpoint import save
+
+        state = {
+            "format": "polyak.ema",
+            "version": 1,
+            "step": int(step or 0),
+            "skipped_updates": 0,
+            "products": [0.0],
+            "last_decays": [0.0],
+            "config": {"decay": ["unknown (converted from " + ckpt.kind + ")"], "debias": False},
+            "averages": [
+                {
+                    normalize_key(k): v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+                    for k, v in averaged.items()
+                    if v.is_floating_point() or v.is_complex()
+                }
+            ],
+        }
+        save(args.output, state, model=raw)
+    elif args.to == "state_dict":
+        _write_state(args.output, averaged, save_plain_safetensors)
+    else:
+        obj = peer_state(args.to, averaged, step=int(step or 0), raw_model=raw)
+        _write_state(args.output, obj, save_plain_safetensors)
+    print(f"wrote {args.to} checkpoint to {args.output}")
+    return 0
