@@ -9,6 +9,7 @@ looping over time steps (see ``polyak.series.streaming.EWMStream``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -141,9 +142,17 @@ def _fast_mean(flat: F64, a: float, adjust: bool, minp: int) -> F64:
     beta = 1.0 - a
     if adjust:
         numerator = _lfilter([1.0], [1.0, -beta], flat)
-        steps = np.arange(1, flat.shape[1] + 1, dtype=np.float64)
-        denominator = steps if beta == 1.0 else (1.0 - beta**steps) / (1.0 - beta) if beta > 0 else np.ones_like(steps)
-        out = numerator / denominator
+        n = flat.shape[1]
+        if beta > 0.0:
+            # sum_{i<t} beta^i = (1 - beta^t) / (1 - beta); -expm1(t ln beta) is 1 - beta^t without the
+            # cancellation near beta = 1. Once beta^t < 2^-60 the sum is 1 / (1 - beta) to the last bit,
+            # so only the head needs the exponential.
+            head = min(n, int(math.ceil(-60.0 * math.log(2.0) / math.log(beta))) + 1)
+            steps = np.arange(1, head + 1, dtype=np.float64)
+            out = numerator * (1.0 - beta)
+            out[:, :head] = numerator[:, :head] / (-np.expm1(steps * math.log(beta)) / (1.0 - beta))
+        else:
+            out = numerator
     else:
         out = _lfilter([a], [1.0, -beta], flat, zi=beta * flat[:, :1])
     if minp > 1:
