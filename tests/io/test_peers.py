@@ -17,9 +17,9 @@ from torch import nn
 
 import polyak
 from polyak.io import export, from_peer
+from tests.peers import timm_model_ema, ultralytics_model_ema
 
 from .conftest import make_model
-from .peer_loaders import timm_model_ema, ultralytics_model_ema
 
 pytestmark = pytest.mark.peers
 
