@@ -147,7 +147,7 @@ def _fast_mean(flat: F64, a: float, adjust: bool, minp: int) -> F64:
             # sum_{i<t} beta^i = (1 - beta^t) / (1 - beta); -expm1(t ln beta) is 1 - beta^t without the
             # cancellation near beta = 1. Once beta^t < 2^-60 the sum is 1 / (1 - beta) to the last bit,
             # so only the head needs the exponential.
-            head = min(n, int(math.ceil(-60.0 * math.log(2.0) / math.log(beta))) + 1)
+            head = min(n, math.ceil(-60.0 * math.log(2.0) / math.log(beta)) + 1)
             steps = np.arange(1, head + 1, dtype=np.float64)
             out = numerator * (1.0 - beta)
             out[:, :head] = numerator[:, :head] / (-np.expm1(steps * math.log(beta)) / (1.0 - beta))
