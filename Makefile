@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.polyak-installed
+LINTED := $(wildcard src tests benchmarks examples)
 # Peers for differential tests: installed with --no-deps so that none of them can pull another torch.
 PEERS  := ema-pytorch==0.8.3 torch-ema==0.3 timm==1.0.31 ultralytics==8.4.190
 
@@ -22,8 +23,8 @@ demo: $(STAMP)
 	$(VENV)/bin/polyak demo --out reports/demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
