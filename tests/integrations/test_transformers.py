@@ -247,3 +247,16 @@ def test_example_script_runs(tmp_path: Path) -> None:
     assert "averaged eval_loss" in result.stdout
     assert (tmp_path / "checkpoint-4" / CHECKPOINT_FILE).is_file()
     assert (tmp_path / "ema_model" / "model.safetensors").is_file()
+
+
+def test_epoch_evaluation_runs_on_the_averaged_weights(tmp_path: Path) -> None:
+    cb = EMACallback(decay=0.7)
+    trainer = make_trainer(tmp_path, [cb], max_steps=-1, num_train_epochs=1, eval_strategy="epoch", save_strategy="no")
+    trainer.train_dataset = TRAIN[:8]
+    trainer.train()
+    assert cb.ema is not None
+    assert cb.ema.step == 2
+    averaged = make_model()
+    averaged.load_state_dict(cb.ema.averaged_state_dict())
+    assert eval_losses(trainer)[2] == pytest.approx(eval_loss(averaged), rel=1e-5, abs=1e-6)
+    assert eval_losses(trainer)[2] != pytest.approx(eval_loss(trainer.model), rel=1e-5, abs=1e-6)

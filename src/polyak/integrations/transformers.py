@@ -16,6 +16,11 @@ How it fits the Trainer's loop (transformers 4.x/5.x callback events):
   ``eval_*`` metrics -- and ``metric_for_best_model`` / ``load_best_model_at_end`` -- are those of the
   averaged weights, while checkpoints hold the live weights plus the EMA state;
 - ``on_save`` writes the EMA state next to the Trainer's checkpoint files.
+
+Limitation: with a dict of eval datasets only the first is evaluated on the averaged weights (the Trainer
+fires ``on_evaluate`` after each one and writes the checkpoint right after the last, with no event before
+it, so the live weights must be back after the first). Use one eval dataset, or evaluate the others by hand
+inside ``with callback.ema.apply():``.
 """
 
 from __future__ import annotations
