@@ -1,0 +1,217 @@
+"""Hugging Face ``transformers.Trainer``: ``EMACallback`` keeps a ``polyak.EMA`` of the model, updates it
+after every optimizer step, evaluates on the averaged weights, saves it in every checkpoint (safetensors)
+and restores it on ``trainer.train(resume_from_checkpoint=...)``.
+
+Needs ``pip install 'polyak[hf]'``. transformers is imported when this module is imported, never by
+``import polyak``.
+
+How it fits the Trainer's loop (transformers 4.x/5.x callback events):
+
+- ``on_train_begin`` builds the EMA from the model (after the Trainer has loaded a checkpoint's weights)
+  and, when ``state.global_step > 0`` (a resume), loads ``polyak_ema.safetensors`` from
+  ``<output_dir>/checkpoint-<global_step>``;
+- ``on_step_end`` runs once per *optimizer* step (micro-batches of gradient accumulation fire
+  ``on_substep_end``), so the average counts optimizer steps; when the flow has asked for an evaluation
+  at this step it swaps the averaged weights in, and ``on_evaluate`` swaps the live ones back, so the
+  ``eval_*`` metrics -- and ``metric_for_best_model`` / ``load_best_model_at_end`` -- are those of the
+  averaged weights, while checkpoints hold the live weights plus the EMA state;
+- ``on_save`` writes the EMA state next to the Trainer's checkpoint files.
+
+Limitation: with a dict of eval datasets only the first is evaluated on the averaged weights (the Trainer
+fires ``on_evaluate`` after each one and writes the checkpoint right after the last, with no event before
+it, so the live weights must be back after the first). Use one eval dataset, or evaluate the others by hand
+inside ``with callback.ema.apply():``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from polyak.ema import EMA
+
+__all__ = ["CHECKPOINT_FILE", "EMACallback", "load_ema_state", "save_ema_state"]
+
+log = logging.getLogger("polyak")
+
+CHECKPOINT_FILE = "polyak_ema.safetensors"
+_METADATA_KEY = "polyak_ema_state"
+
+
+def save_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
+    """Write ``ema.state_dict()`` to one safetensors file: tensors as ``averages.<k>.<key>``, everything
+    else as JSON in the file's metadata. Written to ``<path>.tmp`` first, then renamed (atomic)."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    tensors = {
+        f"averages.{k}.{key}": value.contiguous()
+        for k, average in enumerate(state["averages"])
+        for key, value in average.items()
+    }
+    rest = {name: value for name, value in state.items() if name != "averages"}
+    rest["num_averages"] = len(state["averages"])
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(rest)})
+    os.replace(tmp, path)
+
+
+def load_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
+    """Restore a file written by :func:`save_ema_state` into ``ema`` (validated by ``EMA.load_state_dict``
+    before anything changes). No pickle: safetensors + JSON only."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if _METADATA_KEY not in metadata:
+            raise ValueError(f"{os.fspath(path)!r} is not a polyak EMA checkpoint (no {_METADATA_KEY!r} metadata)")
+        rest: dict[str, Any] = json.loads(metadata[_METADATA_KEY])
+        num_averages = int(rest.pop("num_averages"))
+        averages: list[dict[str, torch.Tensor]] = [{} for _ in range(num_averages)]
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            _, index, key = name.split(".", 2)
+            averages[int(index)][key] = f.get_tensor(name)
+    ema.load_state_dict({**rest, "averages": averages})
+
+
+class EMACallback(TrainerCallback):  # type: ignore[misc]
+    """Exponential moving average of a ``transformers`` model for ``Trainer``, evaluated and checkpointed.
+
+    The average is ``polyak.EMA``: ``shadow <- beta_t shadow + (1 - beta_t) weight`` after each optimizer
+    step, matched by parameter name; the model is never deep-copied.
+
+    Args:
+        decay, **ema_kwargs: passed to ``polyak.EMA`` (a float, a schedule, or a list of them).
+        enabled: ``False`` makes every hook a no-op (training identical to no callback), for ablations.
+        evaluate_averaged: evaluate on the averaged weights (``index``) instead of the live ones.
+        eval_start_step: before this optimizer step, evaluation runs on the live weights (a cold average).
+        index: which average to evaluate/save when ``decay`` is a list.
+        save_state: write ``polyak_ema.safetensors`` into every checkpoint directory.
+        swap_at_end: at the end of training, copy the averaged weights into the model, so that a following
+            ``trainer.save_model()`` / ``push_to_hub`` saves them. With ``load_best_model_at_end`` the EMA
+            of the best checkpoint is loaded first.
+    """
+
+    def __init__(
+        self,
+        decay: Any = 0.999,
+        *,
+        enabled: bool = True,
+        evaluate_averaged: bool = True,
+        eval_start_step: int = 0,
+        index: int = 0,
+        save_state: bool = True,
+        swap_at_end: bool = False,
+        **ema_kwargs: Any,
+    ) -> None:
+        if isinstance(eval_start_step, bool) or not isinstance(eval_start_step, int) or eval_start_step < 0:
+            raise ValueError(f"eval_start_step must be a non-negative int, got {eval_start_step!r}")
+        self.decay = decay
+        self.enabled = bool(enabled)
+        self.evaluate_averaged = bool(evaluate_averaged)
+        self.eval_start_step = eval_start_step
+        self.index = index
+        self.save_state = bool(save_state)
+        self.swap_at_end = bool(swap_at_end)
+        self.ema_kwargs = ema_kwargs
+        self.ema: EMA | None = None
+        self._applied: AbstractContextManager[nn.Module] | None = None
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def _build(self, model: nn.Module) -> EMA:
+        if self.ema is None:
+            self.ema = EMA(model, decay=self.decay, **self.ema_kwargs)
+            self.ema._check_index(self.index)
+        return self.ema
+
+    def _swap_in(self, state: TrainerState) -> None:
+        if self.ema is None or self._applied is not None or not self.evaluate_averaged:
+            return
+        if state.global_step < self.eval_start_step:
+            return
+        self._applied = self.ema.apply(self.index)
+        self._applied.__enter__()
+
+    def _swap_out(self) -> None:
+        if self._applied is not None:
+            applied, self._applied = self._applied, None
+            applied.__exit__(None, None, None)
+
+    def save_averaged(self, trainer: Any, output_dir: str | None = None) -> None:
+        """``trainer.save_model(output_dir)`` with the averaged weights swapped in (the live model is
+        restored afterwards)."""
+        if self.ema is None:
+            raise ValueError("save_averaged: the EMA does not exist yet; call it after trainer.train()")
+        with self.ema.apply(self.index):
+            trainer.save_model(output_dir)
+
+    # --- Trainer events ------------------------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self.enabled:
+            return
+        model = kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            raise TypeError("EMACallback: the Trainer passed no model to on_train_begin")
+        ema = self._build(model)
+        if state.global_step > 0:
+            path = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}", CHECKPOINT_FILE)
+            if os.path.isfile(path):
+                load_ema_state(ema, path)
+                log.info("polyak: EMA state restored from %s (EMA step %d)", path, ema.step)
+            else:
+                raise ValueError(
+                    f"EMACallback: resuming at step {state.global_step} but {path!r} does not exist; resume "
+                    "from a checkpoint written with EMACallback(save_state=True) in args.output_dir, or start "
+                    "a fresh average with a new callback and global_step 0"
+                )
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.enabled or self.ema is None:
+            return
+        self.ema.update()
+        if control.should_evaluate:
+            self._swap_in(state)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.enabled and control.should_evaluate:
+            self._swap_in(state)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._swap_out()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._swap_out()  # never checkpoint averaged weights as the live ones
+        if not self.enabled or not self.save_state or self.ema is None:
+            return
+        directory = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
+        if not os.path.isdir(directory):
+            log.warning("polyak: checkpoint directory %s not found; EMA state not saved", directory)
+            return
+        save_ema_state(self.ema, os.path.join(directory, CHECKPOINT_FILE))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._swap_out()
+        if not self.enabled or self.ema is None:
+            return
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None:
+            path = os.path.join(best, CHECKPOINT_FILE)
+            if os.path.isfile(path):
+                load_ema_state(self.ema, path)
+        if self.swap_at_end:
+            model = kwargs.get("model")
+            if isinstance(model, nn.Module):
+                self.ema.copy_to(model, self.index)
