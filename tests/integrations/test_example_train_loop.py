@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from polyak import EMA
@@ -48,6 +49,7 @@ def test_example_picks_the_best_averaged_epoch_and_the_checkpoint_reloads(tmp_pa
     assert ema.step == checkpoint["ema"]["step"] > 0
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~5 s alone, much more on a loaded machine
 def test_example_ablation_runs_as_a_script(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--epochs", "1", "--no-ema", "--out", str(tmp_path)],
