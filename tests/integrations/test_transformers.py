@@ -184,3 +184,24 @@ def test_state_file_round_trip_and_errors(tmp_path: Path) -> None:
         load_ema_state(other, tmp_path / "foreign.safetensors")
     with pytest.raises(ValueError, match="eval_start_step must be"):
         EMACallback(eval_start_step=-2)
+
+
+def test_epoch_evaluation_uses_the_average(tmp_path: Path) -> None:
+    cb, record = EMACallback(decay=0.7), Record()
+    trainer = make_trainer(
+        tmp_path, [cb, record], max_steps=-1, num_train_epochs=2, eval_strategy="epoch", save_strategy="no"
+    )
+    trainer.train()
+    assert cb.ema is not None
+    assert cb.ema.step == 16
+    assert len(record.metrics) == 2
+    with cb.ema.apply():
+        averaged = trainer.evaluate()["eval_loss"]
+    assert record.metrics[1]["eval_loss"] == pytest.approx(averaged, rel=1e-6)
+
+
+def test_cold_average_is_not_evaluated(tmp_path: Path) -> None:
+    cb, record = EMACallback(decay=0.7, eval_start_step=10**6), Record()
+    trainer = make_trainer(tmp_path, [cb, record], max_steps=3, save_strategy="no")
+    trainer.train()
+    assert record.metrics[-1]["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
