@@ -215,6 +215,11 @@ def test_model_checkpoint_keeps_the_best_averaged_epoch(tmp_path: Path) -> None:
     cb2.ema.load_state_dict(stored["polyak_ema"]["ema"])
     with cb2.ema.apply():
         assert manual_val_loss(model) == pytest.approx(history[best_epoch], rel=1e-6)
+    # a fresh Trainer testing from that checkpoint restores the EMA state and tests the averaged weights
+    (result,) = trainer(callbacks=[EMACallback(decay=0.9), ckpt], enable_checkpointing=True).test(
+        Regressor(), DataLoader(VAL, batch_size=8), ckpt_path=ckpt.best_model_path, verbose=False
+    )
+    assert result["test_loss"] == pytest.approx(history[best_epoch], rel=1e-6)
 
 
 def test_update_bn_recomputes_statistics_of_the_average_before_validation() -> None:
