@@ -54,7 +54,7 @@ def update_bn(
     forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> int:
     """Reset every BatchNorm layer's running statistics and recompute them as the exact average over
-    ``loader`` (``momentum=None``), in train mode; the model's mode and momenta are restored.
+    ``loader`` (``momentum=None``), in train mode; every module's mode and every momentum are restored.
 
     Args:
         loader: batches; a tuple/list batch feeds its first element, a dict its ``input``/``x``/... entry.
@@ -73,7 +73,7 @@ def update_bn(
     if not layers:
         return 0
     momenta = {m: m.momentum for m in layers}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode, not only the top one
     dev = torch.device(device) if device is not None else None
     saved = [(b, b.clone()) for m in layers for b in m.buffers(recurse=False)]
     for m in layers:
@@ -94,7 +94,8 @@ def update_bn(
     finally:
         for m in layers:
             m.momentum = momenta[m]
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if seen == 0:
         for buf, value in saved:
             buf.copy_(value)
