@@ -151,23 +151,32 @@ class EWMStream(_Stream):
         return np.sqrt(self.variance())
 
 
-class SMAStream(_Stream):
-    """Simple moving average over the last ``window`` values (NaNs skipped, as pandas ``rolling().mean()``;
-    NaN until ``min_periods`` non-NaN values are in the window, default ``window``)."""
+class _WindowStream(_Stream):
+    """A ring buffer of the last ``window`` values of every stream."""
 
     _state = ("buffer", "count")
 
-    def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, min_periods: int | None = None) -> None:
+    def __init__(self, shape: int | tuple[int, ...], window: int) -> None:
         self.shape = _shape(shape)
         self.window = check_window(window)
-        self.min_periods = check_min_periods(min_periods, self.window)
         self.buffer = np.full((self.window, *self.shape), np.nan)
         self.count = np.zeros((), dtype=np.int64)
 
-    def update(self, x: ArrayLike) -> F64:
-        x = self._input(x)
-        self.buffer[int(self.count) % self.window] = x
+    def _push(self, x: ArrayLike) -> None:
+        self.buffer[int(self.count) % self.window] = self._input(x)
         self.count = self.count + 1
+
+
+class SMAStream(_WindowStream):
+    """Simple moving average over the last ``window`` values (NaNs skipped, as pandas ``rolling().mean()``;
+    NaN until ``min_periods`` non-NaN values are in the window, default ``window``)."""
+
+    def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, min_periods: int | None = None) -> None:
+        super().__init__(shape, window)
+        self.min_periods = check_min_periods(min_periods, self.window)
+
+    def update(self, x: ArrayLike) -> F64:
+        self._push(x)
         valid = ~np.isnan(self.buffer)
         n = valid.sum(axis=0)
         total = np.where(valid, self.buffer, 0.0).sum(axis=0)
@@ -175,23 +184,16 @@ class SMAStream(_Stream):
             return np.where((n >= max(self.min_periods, 1)) & (n > 0), total / n, np.nan)
 
 
-class WMAStream(_Stream):
+class WMAStream(_WindowStream):
     """Weighted moving average over the last ``window`` values; ``weights[-1]`` weighs the newest value
     (default 1, 2, ..., window). NaN while the window is not full or holds a NaN."""
 
-    _state = ("buffer", "count")
-
     def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, weights: ArrayLike | None = None) -> None:
-        self.shape = _shape(shape)
-        self.window = check_window(window)
+        super().__init__(shape, window)
         self.weights = wma_weights(self.window, weights)
-        self.buffer = np.full((self.window, *self.shape), np.nan)
-        self.count = np.zeros((), dtype=np.int64)
 
     def update(self, x: ArrayLike) -> F64:
-        x = self._input(x)
-        self.buffer[int(self.count) % self.window] = x
-        self.count = self.count + 1
+        self._push(x)
         order = (np.arange(self.window) + int(self.count)) % self.window  # oldest first
         window = self.buffer[order]
         return np.asarray(np.tensordot(self.weights, window, axes=(0, 0)) / self.weights.sum(), dtype=np.float64)
