@@ -18,6 +18,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
+    """Title, legend and grid every plot shares; write the PNG and free the figure."""
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(
     seeds: Sequence[dict[str, Any]], models: Sequence[str], key: str, ylabel: str, title: str, path: Path
 ) -> Path:
@@ -38,15 +49,9 @@ def plot_curves(
         ax.fill_between(epochs, low, mean + std, alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
     if log_y:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)
 
 
 def plot_per_seed(
@@ -61,13 +66,7 @@ def plot_per_seed(
         ax.plot(seeds, values, "s--", label=name, lw=1, ms=4)
     ax.set_xlabel("seed")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)
 
 
 def plot_sweep(
@@ -96,10 +95,4 @@ def plot_sweep(
         ax.set_yscale("log")
     ax.set_xlabel("decay")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)

@@ -226,6 +226,11 @@ def _read_safetensors(target: Path) -> Checkpoint:
         tree = _tree.unflatten(json.loads(meta["tree"]), dict(tensors))
     except (KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{name!r} is corrupt: its metadata has no readable 'tree' ({exc})") from None
+    return _polyak_checkpoint(tree, metadata=dict(meta))
+
+
+def _polyak_checkpoint(tree: Mapping[str, Any], metadata: dict[str, str] | None = None) -> Checkpoint:
+    """A polyak checkpoint's sections, read from either file format's decoded tree."""
     return Checkpoint(
         kind="polyak",
         ema=tree.get("ema"),
@@ -233,7 +238,7 @@ def _read_safetensors(target: Path) -> Checkpoint:
         optimizer=tree.get("optimizer"),
         extra=tree.get("extra"),
         raw=tree,
-        metadata=dict(meta),
+        metadata=dict(metadata or {}),
     )
 
 
@@ -268,14 +273,7 @@ def _torch_load(target: Path, trust_pickle: bool) -> Any:
 def _from_object(obj: Any, target: Path) -> Checkpoint:
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         _check_version(obj.get("version"), str(target))
-        return Checkpoint(
-            kind="polyak",
-            ema=obj.get("ema"),
-            model=obj.get("model"),
-            optimizer=obj.get("optimizer"),
-            extra=obj.get("extra"),
-            raw=obj,
-        )
+        return _polyak_checkpoint(obj)
     from polyak.io.peers import detect
 
     kind = detect(obj)
