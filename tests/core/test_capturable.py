@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyak import schedules
+from polyak import _kernels, schedules
 
 # --- the tensor form of every schedule ------------------------------------------------------------------
 decays = st.floats(min_value=0.0, max_value=0.99999, allow_nan=False)
@@ -76,3 +76,63 @@ def test_tensor_form_is_elementwise(schedule):
 def test_plain_callables_are_not_tensor_schedules():
     assert not isinstance(lambda t: 0.9, schedules.TensorSchedule)
     assert math.isclose(schedules.half_life(1.0).at_tensor(torch.tensor(3)).item(), 0.5)
+
+
+# --- tensor-weight kernels --------------------------------------------------------------------------------
+SHADOW_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that equality means bit for bit (NaN == NaN, -0.0 != 0.0)."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def weight_tensor(w: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(w, dtype=torch.float64).to(_kernels.lerp_weight_dtype(dtype))
+
+
+@pytest.mark.parametrize("dtype", SHADOW_DTYPES, ids=str)
+def test_tensor_weight_lerp_gives_the_scalar_weight_bits(dtype):
+    gen = torch.Generator().manual_seed(0)
+    shadow = torch.randn(3, 257, generator=gen).to(dtype)
+    source = torch.randn(257, generator=gen).to(dtype)
+    for w in (1e-4, 0.1, 0.3, 0.5, 0.7, 1 - 0.999**3, 0.99):
+        expected = shadow.clone()
+        for k in range(3):
+            expected[k].lerp_(source, w)
+        got = shadow.clone()
+        _kernels.lerp_rows_weighted_(got, source, [weight_tensor(w, dtype)] * 3)
+        assert torch.equal(bits(got), bits(expected)), (dtype, w)
+        listed = [shadow[0].clone()]
+        _kernels.lerp_lists_weighted_([listed], [source], [weight_tensor(w, dtype)])
+        assert torch.equal(bits(listed[0]), bits(expected[0])), (dtype, w)
+
+
+@pytest.mark.parametrize("dtype", SHADOW_DTYPES, ids=str)
+@pytest.mark.parametrize("kernel", ["rows", "lists"])
+def test_tensor_weight_lerp_copies_at_one_keeps_at_zero_and_masks(dtype, kernel):
+    gen = torch.Generator().manual_seed(1)
+    shadow = torch.randn(2, 64, generator=gen).to(dtype)
+    source = torch.randn(64, generator=gen).to(dtype)
+    poisoned = source.clone()
+    poisoned[5] = float("nan")
+    poisoned[9] = float("inf")
+
+    def run(src: torch.Tensor, w: float, ok: bool | None) -> torch.Tensor:
+        out = shadow.clone()
+        flag = None if ok is None else torch.tensor(ok)
+        weights = [weight_tensor(w, dtype)] * 2
+        if kernel == "rows":
+            _kernels.lerp_rows_weighted_(out, src, weights, flag)
+        else:
+            views = [[out[0, :32], out[0, 32:]], [out[1, :32], out[1, 32:]]]
+            _kernels.lerp_lists_weighted_(views, [src[:32], src[32:]], weights, flag)
+        return out
+
+    assert torch.equal(bits(run(source, 1.0, None)), bits(source.expand(2, -1)))
+    assert torch.equal(bits(run(source, 0.0, None)), bits(shadow))
+    assert torch.equal(bits(run(source, 0.3, True)), bits(run(source, 0.3, None)))
+    for w in (0.0, 0.3, 1.0):  # a refused update is a no-op whatever the weight, NaN and inf included
+        assert torch.equal(bits(run(poisoned, w, False)), bits(shadow)), w
