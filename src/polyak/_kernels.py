@@ -177,7 +177,8 @@ def lerp_weight_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def lerp_weighted_(shadow: Tensor, source: Tensor, weight: Tensor) -> None:
-    """shadow <- lerp(shadow, source, weight) for a 0-dim ``weight`` of ``lerp_weight_dtype(shadow.dtype)``.
+    """shadow <- lerp(shadow, source, weight) for a ``weight`` tensor of ``lerp_weight_dtype(shadow.dtype)``
+    (0-dim, or broadcasting like ``(K, 1)`` against a ``(K, N)`` shadow).
 
     Half-precision shadows are lerped in float32 and rounded once, as ``lerp_`` with a Python weight
     does: ``lerp_`` with a tensor weight would round the weight itself to the half dtype first.
@@ -188,20 +189,29 @@ def lerp_weighted_(shadow: Tensor, source: Tensor, weight: Tensor) -> None:
         shadow.lerp_(source, weight)
 
 
-def lerp_rows_weighted_(flat: Tensor, source: Tensor, weights: Sequence[Tensor], ok: Tensor | None = None) -> None:
-    """``flat[k] <- lerp(flat[k], source, weights[k])`` with 0-dim tensor weights; where the 0-dim bool
-    ``ok`` is given and False, the source is replaced by the row itself (``lerp(s, s, w) == s``)."""
+def mask_refused(ok: Tensor, sources: Sequence[Tensor], weights: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Where the 0-dim bool ``ok`` is False, zero the sources and the weights: ``lerp(s, 0, 0) == s`` for
+    finite ``s``, so a refused update (NaN/inf in a source) changes no shadow. One temporary per source,
+    whatever the number of averages (masking the source with each shadow row would take K)."""
+    return [torch.where(ok, s, 0.0) for s in sources], torch.where(ok, weights, 0.0)
+
+
+def lerp_rows_weighted_(flat: Tensor, source: Tensor, weights: Tensor, ok: Tensor | None = None) -> None:
+    """``flat[k] <- lerp(flat[k], source, weights[k])`` for a ``(K, N)`` shadow, an ``(N,)`` source and
+    ``(K,)`` tensor weights, as one ``lerp_`` over the whole buffer (one in-place op, so ``torch.compile``
+    writes the buffer once instead of once per row); a no-op where the 0-dim bool ``ok`` is given and
+    False (``mask_refused``)."""
     if source.dtype != flat.dtype or source.device != flat.device:
         source = source.to(device=flat.device, dtype=flat.dtype)
-    for k, w in enumerate(weights):
-        row = flat[k]
-        lerp_weighted_(row, source if ok is None else torch.where(ok, source, row), w)
+    if ok is not None:
+        (source,), weights = mask_refused(ok, [source], weights)
+    lerp_weighted_(flat, source, weights.view(-1, 1))
 
 
 def lerp_lists_weighted_(
-    views: Sequence[list[Tensor]], sources: Sequence[Tensor], weights: Sequence[Tensor], ok: Tensor | None = None
+    views: Sequence[list[Tensor]], sources: Sequence[Tensor], weights: Tensor, ok: Tensor | None = None
 ) -> None:
-    """``views[k][i] <- lerp(views[k][i], sources[i], weights[k])`` with 0-dim tensor weights, one
+    """``views[k][i] <- lerp(views[k][i], sources[i], weights[k])`` with ``(K,)`` tensor weights, one
     ``_foreach_lerp_`` per average (a loop for half-precision shadows); masked by ``ok`` as above."""
     if not sources:
         return
@@ -209,11 +219,12 @@ def lerp_lists_weighted_(
     like = views[0][0]
     if any(s.dtype != like.dtype or s.device != like.device for s in srcs):
         srcs = cast_sources(srcs, like)
-    for k, w in enumerate(weights):
-        row = views[k]
-        masked = srcs if ok is None else [torch.where(ok, s, v) for s, v in zip(srcs, row)]
+    if ok is not None:
+        srcs, weights = mask_refused(ok, srcs, weights)
+    for k, row in enumerate(views):
+        w = weights[k]
         if like.dtype in HALF_DTYPES:
-            for v, s in zip(row, masked):
+            for v, s in zip(row, srcs):
                 lerp_weighted_(v, s, w)
         else:
-            torch._foreach_lerp_(row, masked, [w] * len(row))
+            torch._foreach_lerp_(row, srcs, [w] * len(row))
