@@ -298,6 +298,12 @@ class EMA:
             self._step = int(self._device.step.item())
         return self._step
 
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = _check_int(value, "step", 0)
+        if self._device is not None:
+            self._device.step.fill_(self._step)
+
     @property
     def last_decays(self) -> tuple[float, ...]:
         """The decay of each average at the last averaging update (0.0 after a copy). With

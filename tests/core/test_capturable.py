@@ -390,6 +390,9 @@ def test_step_and_last_decays_read_as_python_numbers():
     assert ema.last_decays == (0.75, 0.5)
     assert all(type(d) is float for d in ema.last_decays)
     assert "step=4" in repr(ema)
+    ema.step = 2  # settable, as the plain attribute was
+    assert ema.step == 2
+    assert ema.state_dict()["step"] == 2
     assert "capturable=True" in repr(ema)
     assert "capturable" not in repr(EMA(model))
 
