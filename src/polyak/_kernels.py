@@ -180,8 +180,13 @@ def finite_on_host(sources: Sequence[Tensor]) -> bool:
         sums.append(s.sum(dtype=torch.float32) if s.element_size() < 4 else s.sum())
     if not sums:
         return True
-    total = sums[0] if len(sums) == 1 else torch.stack([x.to(torch.float64) for x in sums]).sum()
-    if math.isfinite(float(total)):
+    if len(sums) == 1:
+        if math.isfinite(float(sums[0])):
+            return True
+    elif len({x.dtype for x in sums}) == 1:
+        if bool(torch.isfinite(torch.stack(sums)).all()):
+            return True
+    elif all(math.isfinite(float(x)) for x in sums):
         return True
     return all(bool(all_finite([s])) for s in sources)
 
