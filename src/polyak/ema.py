@@ -94,11 +94,12 @@ class EMA:
             the tensors and leave the average untouched (default), ``"skip"`` that update (logged), or
             ``"ignore"`` (no check; fastest; the NaN enters the average). The check reads every weight
             once more: on CPU one sum per tensor (finite only if every element is; an overflowing sum is
-            re-checked exactly with ``aminmax``, so no false alarms), read before anything is written. On CUDA the update never waits for the device: the flag stays on
-            the device and masks the update (a non-finite update leaves every average bit-for-bit
-            unchanged), a copy of it travels to pinned host memory, and the error (``"raise"``) or the
-            skip count and log line (``"skip"``) happen at the next point where the host looks: the next
-            ``update()`` whose flag copy has landed, or ``apply``/``copy_to``/``averaged_state_dict``/
+            re-checked exactly with ``aminmax``, so no false alarms), read before anything is written.
+            On CUDA the update never waits for the device: the flag stays on the device and masks the
+            update (a non-finite update leaves every average bit-for-bit unchanged), a copy of it
+            travels to pinned host memory, and the error (``"raise"``) or the skip count and log line
+            (``"skip"``) happen at the next point where the host looks: the next ``update()`` whose
+            flag copy has landed, or ``apply``/``copy_to``/``averaged_state_dict``/
             ``state_dict``/``synchronize()``, which wait for it.
         flatten: opt-in speed-up for models with many small tensors: make the model's averaged tensors
             views into one contiguous buffer per (device, dtype), laid out like the shadows, so an update
