@@ -273,7 +273,17 @@ def bench_shape(shape: str, rounds: int, with_peers: bool) -> dict[str, Any]:
         }
     k4 = [a / b for a, b in zip(own_times["polyak K=4"], own_times["polyak"])]
     results["polyak K=4"]["ratio_to_polyak_K1"] = statistics.median(k4)
-    return {"shape": shape, "params": n_params, "tensors": n_tensors, "results": results}
+    entry: dict[str, Any] = {"shape": shape, "params": n_params, "tensors": n_tensors, "results": results}
+    peers = [n for n in results if n not in own_times]
+    if peers:  # each peer's ratio over polyak's, both measured against flat lerp in their own rounds
+        fastest = min(peers, key=lambda n: results[n]["ratio_to_flat_lerp"])
+        entry["fastest_peer"] = fastest
+        entry["speedup_over_fastest_peer"] = {
+            n: results[fastest]["ratio_to_flat_lerp"] / results[n]["ratio_to_flat_lerp"]
+            for n in own_times
+            if n.startswith("polyak")
+        }
+    return entry
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, r in sorted(entry["results"].items(), key=lambda kv: kv[1]["ratio_to_flat_lerp"]):
             extra = f" ({r['ratio_to_polyak_K1']:.2f}× polyak K=1)" if "ratio_to_polyak_K1" in r else ""
             print(f"| {name} | {r['median_ms']:.2f} | {r['ratio_to_flat_lerp']:.2f}{extra} | {r['noise']:.2f} |")
+        if "fastest_peer" in entry:
+            speedups = ", ".join(f"{n} {x:.1f}×" for n, x in entry["speedup_over_fastest_peer"].items())
+            print(f"speed-up over the fastest peer ({entry['fastest_peer']}): {speedups}")
         sys.stdout.flush()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -47,6 +47,9 @@ class Group:
     scratch: Tensor | None = None  # (N,) gather buffer ("gather": shadow dtype; "offload": pinned, source dtype)
     stream: Any = None  # "offload": the CUDA side stream that copies the weights to the host
     source_flat: Tensor | None = None  # (N,) buffer that the sources are views of ("flat")
+    # "flat": how many tensors shared ``source_flat``'s storage when the pointers were last verified
+    # (None where torch does not expose the count: every update then compares the pointers)
+    flat_refs: int | None = None
 
     @property
     def numel(self) -> int:
@@ -159,6 +162,7 @@ def plan_group(group: Group, num_averages: int, *, check: bool, force_gather: bo
     unchecked average, one ``_foreach_lerp_`` costs about the same as the ``cat`` alone, so it stays.
     """
     group.source_flat = None
+    group.flat_refs = None
     group.scratch = None
     group.source_views = []
     group.source_ptrs = []
@@ -191,8 +195,36 @@ def sources_moved(group: Group) -> bool:
     """True when a source no longer lives where the cached views point (``p.data = ...``, ``model.to``).
 
     Cached views keep the old storage alive, so an unchanged ``data_ptr`` means an unchanged tensor.
+    Comparing pointers costs ~0.1-0.3 µs per tensor in Python, which is more than the whole flat lerp
+    of a model with thousands of small tensors. So a "flat" group first reads one number: how many
+    tensors share the flat buffer's storage. Re-pointing a source (``p.data = x``, ``model.half()``)
+    drops its reference, so the count changes and the pointers are compared; while the count is
+    unchanged no source can have left, unless a new alias of the flat buffer was created in the same
+    interval (e.g. a view of a parameter kept alive across ``update()``, while another parameter was
+    re-pointed), which this screen cannot tell apart.
     """
+    if group.plan == "flat" and group.source_flat is not None and group.flat_refs is not None:
+        refs = storage_refs(group.source_flat)
+        if refs == group.flat_refs:
+            return False
+        moved = pointers_moved(group)
+        if not moved:
+            group.flat_refs = refs  # a view of the buffer came or went: new baseline
+        return moved
+    return pointers_moved(group)
+
+
+def pointers_moved(group: Group) -> bool:
+    """Compare every source's ``data_ptr`` with the one recorded when the group was planned."""
     return list(map(Tensor.data_ptr, group.sources)) != group.source_ptrs
+
+
+def storage_refs(tensor: Tensor) -> int | None:
+    """How many tensors (and storage objects) share ``tensor``'s storage; None if torch hides it."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return None
+    return int(use_count(tensor.untyped_storage()._cdata))
 
 
 def flatten_sources(group: Group) -> bool:
@@ -214,8 +246,10 @@ def flatten_sources(group: Group) -> bool:
             view.copy_(s.detach())
             s.data = view
             offset += n
+        del view  # count only the lasting views in the baseline below
     group.source_flat = flat
     group.scratch = None
     _cache_views(group)
     group.plan = "flat"
+    group.flat_refs = storage_refs(flat)
     return True

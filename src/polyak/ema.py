@@ -93,12 +93,13 @@ class EMA:
         nonfinite: what an update does when a weight holds NaN or inf: ``"raise"`` a ValueError naming
             the tensors and leave the average untouched (default), ``"skip"`` that update (logged), or
             ``"ignore"`` (no check; fastest; the NaN enters the average). The check reads every weight
-            once more (one exact ``aminmax`` pass, no overflow false alarms). On CPU the flag is read
-            before anything is written. On CUDA the update never waits for the device: the flag stays on
-            the device and masks the update (a non-finite update leaves every average bit-for-bit
-            unchanged), a copy of it travels to pinned host memory, and the error (``"raise"``) or the
-            skip count and log line (``"skip"``) happen at the next point where the host looks: the next
-            ``update()`` whose flag copy has landed, or ``apply``/``copy_to``/``averaged_state_dict``/
+            once more: on CPU one sum per tensor (finite only if every element is; an overflowing sum is
+            re-checked exactly with ``aminmax``, so no false alarms), read before anything is written.
+            On CUDA the update never waits for the device: the flag stays on the device and masks the
+            update (a non-finite update leaves every average bit-for-bit unchanged), a copy of it
+            travels to pinned host memory, and the error (``"raise"``) or the skip count and log line
+            (``"skip"``) happen at the next point where the host looks: the next ``update()`` whose
+            flag copy has landed, or ``apply``/``copy_to``/``averaged_state_dict``/
             ``state_dict``/``synchronize()``, which wait for it.
         flatten: opt-in speed-up for models with many small tensors: make the model's averaged tensors
             views into one contiguous buffer per (device, dtype), laid out like the shadows, so an update
@@ -106,8 +107,11 @@ class EMA:
             Parameters keep their identity (``p.data`` is re-pointed), so an optimizer built before or
             after keeps working; build the EMA before ``torch.compile``, DDP/FSDP wrapping, or anything
             that records parameter addresses (CUDA graphs). If a parameter is later re-assigned (e.g.
-            ``model.half()``), every update notices (one ``data_ptr`` comparison per tensor), logs a
-            warning and falls back to the default path: the average is never read from a stale buffer.
+            ``model.half()``, ``p.data = ...``), the next update notices, logs a warning and falls back
+            to the default path. The check costs one read of the flat buffer's storage use count per
+            update; only when that count changes are the tensors' ``data_ptr`` compared. A re-assignment
+            made while a new view of a parameter is created and kept alive across the same ``update()``
+            leaves the count unchanged and is not seen (see ``_storage.sources_moved``).
         capturable: opt-in (the name follows ``torch.optim``'s ``capturable=True``): the step counter, the
             debias products and the count of refused updates live as tensors on the shadow device, and
             ``update()`` runs the same tensor ops on every call, with no host read and no Python branch on
@@ -491,11 +495,11 @@ class EMA:
         ]
 
     def _all_finite_on_host(self, sources: list[Tensor | None]) -> bool:
-        flags = self._flags(sources)
-        if all(bool(f) for f in flags):
+        ok = [_kernels.finite_on_host(g.sources if src is None else [src]) for g, src in zip(self._groups, sources)]
+        if all(ok):
             return True
         bad = [
-            g.keys[i] for g, f in zip(self._groups, flags) if not bool(f) for i in _kernels.nonfinite_indices(g.sources)
+            g.keys[i] for g, fine in zip(self._groups, ok) if not fine for i in _kernels.nonfinite_indices(g.sources)
         ]
         return self._refuse(bad, self._step + 1)
 

@@ -10,6 +10,8 @@ import logging
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from polyak import EMA, _kernels, _storage
@@ -424,3 +426,78 @@ def test_cuda_model_with_cpu_shadows_offloads_through_pinned_memory(dtype: torch
     ema = EMA(model, decay=[0.9, 0.5], device="cpu")
     assert ema.update_plans[0][2] == "offload"
     run_both(ema, ref, model, steps=3)
+
+
+# --- the host-side finiteness screen and the flat plan's pointer screen ----------------------------------
+SPECIALS = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_finite_screen_agrees_with_isfinite_on_special_values(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype).max
+    cases = [
+        [torch.tensor([big, big], dtype=dtype)],  # the sum overflows, every value is finite
+        [torch.tensor([big], dtype=dtype), torch.tensor([big], dtype=dtype)],
+        [torch.tensor([-big, -big, 1.0], dtype=dtype)],
+        [torch.full((300,), 300.0, dtype=dtype)],  # 90,000: above float16's max as a float16 sum
+        [torch.tensor([1.0, float("inf")], dtype=dtype), torch.tensor([float("-inf")], dtype=dtype)],
+        [torch.zeros(0, dtype=dtype), torch.ones(3, dtype=dtype)],
+        [torch.zeros(0, dtype=dtype)],
+    ]
+    for special in SPECIALS:
+        for where in range(3):
+            t = torch.ones(3, dtype=dtype)
+            t[where] = special
+            cases.append([torch.ones(2, dtype=dtype), t])
+    for sources in cases:
+        expected = all(bool(torch.isfinite(s).all()) for s in sources)
+        assert _kernels.finite_on_host(sources) is expected, sources
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), max_size=6), min_size=1, max_size=4),
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+)
+def test_finite_screen_is_exact(values: list[list[float]], dtype: torch.dtype) -> None:
+    sources = [torch.tensor(v, dtype=torch.float32).to(dtype) for v in values]  # huge values round to inf
+    assert _kernels.finite_on_host(sources) is all(bool(torch.isfinite(s).all()) for s in sources)
+
+
+def test_finite_screen_handles_complex_and_integer_tensors() -> None:
+    assert _kernels.finite_on_host([torch.tensor([1 + 2j]), torch.arange(3)])
+    assert not _kernels.finite_on_host([torch.tensor([complex(1.0, float("nan"))])])
+
+
+def test_flat_plan_compares_pointers_only_when_the_flat_buffer_gains_or_loses_a_view(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+    compare = _storage.pointers_moved
+
+    def counting(group: _storage.Group) -> bool:
+        nonlocal calls
+        calls += 1
+        return compare(group)
+
+    monkeypatch.setattr(_storage, "pointers_moved", counting)
+    model = make_model(torch.float32)
+    ref = Reference(model, [0.7])
+    ema = EMA(model, decay=0.7, flatten=True)
+    if _storage.storage_refs(model[0].weight) is None:
+        pytest.skip("this torch does not expose storage use counts; every update compares pointers")
+    run_both(ema, ref, model, steps=3)
+    assert calls == 0  # steady state: one use count read per update, no per-tensor work
+    kept = model[0].weight.detach().view(-1)  # a new alias of the flat buffer, nothing re-pointed
+    run_both(ema, ref, model, steps=2)
+    assert calls == 1
+    assert ema.update_plans[0][2] == "flat"
+    del kept
+    run_both(ema, ref, model, steps=2)
+    assert calls == 2
+    assert ema.update_plans[0][2] == "flat"
+    model[3].weight.data = model[3].weight.detach().clone()  # leaves the flat buffer
+    run_both(ema, ref, model, steps=1)
+    assert calls == 3  # noticed at the first update after it
+    assert ema.update_plans[0][2] != "flat"
+    assert_same_bits(ema, ref)
