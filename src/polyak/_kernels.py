@@ -194,3 +194,71 @@ def finite_on_host(sources: Sequence[Tensor]) -> bool:
 def nonfinite_indices(sources: Sequence[Tensor]) -> list[int]:
     """Indices of the sources that hold a NaN or an infinity (slow, for error messages)."""
     return [i for i, s in enumerate(sources) if not bool(torch.isfinite(s).all())]
+
+
+# --- tensor-weight kernels for EMA(capturable=True) ---------------------------------------------------
+# The weight is a 0-dim tensor computed on the device, so the same ops run whatever its value (a CUDA
+# graph or a torch.compile graph can hold them). A weight of 1 copies the source and 0 leaves the shadow
+# unchanged (for finite values; the sign of a zero shadow may flip, -0.0 + 0.0 == +0.0).
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def lerp_weight_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a tensor weight that makes ``lerp`` give the bits of ``lerp_(end, python_float)``:
+    the kernel's compute dtype, float32 for float16/bfloat16 shadows, else the shadow's own dtype."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def lerp_weighted_(shadow: Tensor, source: Tensor, weight: Tensor) -> None:
+    """shadow <- lerp(shadow, source, weight) for a ``weight`` tensor of ``lerp_weight_dtype(shadow.dtype)``
+    (0-dim, or broadcasting like ``(K, 1)`` against a ``(K, N)`` shadow).
+
+    Half-precision shadows are lerped in float32 and rounded once, as ``lerp_`` with a Python weight
+    does: ``lerp_`` with a tensor weight would round the weight itself to the half dtype first.
+    """
+    if shadow.dtype in HALF_DTYPES:
+        shadow.copy_(torch.lerp(shadow.float(), source.float(), weight))
+    else:
+        shadow.lerp_(source, weight)
+
+
+def mask_refused(ok: Tensor, sources: Sequence[Tensor], weights: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Where the 0-dim bool ``ok`` is False, zero the sources and the weights: ``lerp(s, 0, 0) == s`` for
+    finite ``s``, so a refused update (NaN/inf in a source) changes no shadow. One temporary per source,
+    whatever the number of averages (masking the source with each shadow row would take K)."""
+    return [torch.where(ok, s, 0.0) for s in sources], torch.where(ok, weights, 0.0)
+
+
+def lerp_rows_weighted_(flat: Tensor, source: Tensor, weights: Tensor, ok: Tensor | None = None) -> None:
+    """``flat[k] <- lerp(flat[k], source, weights[k])`` for a ``(K, N)`` shadow, an ``(N,)`` source and
+    ``(K,)`` tensor weights, as one ``lerp_`` over the whole buffer (one in-place op, so ``torch.compile``
+    writes the buffer once instead of once per row); a no-op where the 0-dim bool ``ok`` is given and
+    False (``mask_refused``)."""
+    if source.dtype != flat.dtype or source.device != flat.device:
+        source = source.to(device=flat.device, dtype=flat.dtype)
+    if ok is not None:
+        (source,), weights = mask_refused(ok, [source], weights)
+    lerp_weighted_(flat, source, weights.view(-1, 1))
+
+
+def lerp_lists_weighted_(
+    views: Sequence[list[Tensor]], sources: Sequence[Tensor], weights: Tensor, ok: Tensor | None = None
+) -> None:
+    """``views[k][i] <- lerp(views[k][i], sources[i], weights[k])`` with ``(K,)`` tensor weights, one
+    ``_foreach_lerp_`` per average (a loop for half-precision shadows); masked by ``ok`` as above."""
+    if not sources:
+        return
+    srcs = list(sources)
+    like = views[0][0]
+    if any(s.dtype != like.dtype or s.device != like.device for s in srcs):
+        srcs = cast_sources(srcs, like)
+    if ok is not None:
+        srcs, weights = mask_refused(ok, srcs, weights)
+    for k, row in enumerate(views):
+        w = weights[k]
+        if like.dtype in HALF_DTYPES:
+            for v, s in zip(row, srcs):
+                lerp_weighted_(v, s, w)
+        else:
+            torch._foreach_lerp_(row, srcs, [w] * len(row))

@@ -14,6 +14,16 @@ can be written into a checkpoint's config and tested without any model.
 | ``half_life(h)`` | 0.5 ** (1 / h) | the weight of a sample halves every h updates |
 | ``power_function(gamma)`` | (1 - 1/t) ** (gamma + 1) | Karras et al. 2024 (EDM2) |
 | ``uniform()`` | 1 - 1/t | the running arithmetic mean: SWA / ``AveragedModel`` |
+
+Every built-in schedule also has a tensor form, ``schedule.at_tensor(t)``: the same formula in torch ops on
+an integer tensor of steps, computed on ``t``'s device in float64 (float32 where the device has no float64,
+e.g. MPS), with no host read, so ``EMA(capturable=True)`` can compute the decay inside a CUDA graph or a
+``torch.compile`` graph. On CPU, for a 0-dim ``t``, it equals ``schedule(int(t))`` bit for bit, except
+``ultralytics``: ``torch.exp`` (SLEEF) and Python's ``math.exp`` (libm) differ in the last bit of float64
+for about one step in a thousand (the decays then differ by at most one ulp of 1.0, 2.2e-16). ``pow`` is
+called with a tensor exponent, which runs libm's ``pow`` like Python does (a Python-number exponent would
+take torch's shortcuts for -2, -1, 0.5, 2, 3, which round differently). On CUDA, ``exp`` and ``pow`` come
+from CUDA's math library and may differ from libm in the last bit too.
 """
 
 from __future__ import annotations
@@ -23,8 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
+from torch import Tensor
+
 __all__ = [
     "Schedule",
+    "TensorSchedule",
     "as_schedule",
     "constant",
     "half_life",
@@ -41,6 +55,27 @@ class Schedule(Protocol):
     """Anything callable as ``schedule(t) -> decay`` with ``t >= 1``."""
 
     def __call__(self, t: int, /) -> float: ...
+
+
+@runtime_checkable
+class TensorSchedule(Schedule, Protocol):
+    """A schedule that ``EMA(capturable=True)`` can use: it also computes ``beta_t`` from a tensor of
+    steps with torch ops only (no ``.item()``, no Python branch on the value), elementwise, on ``t``'s
+    device, returning a floating tensor shaped like ``t``. Values at ``t < 1`` are unspecified."""
+
+    def at_tensor(self, t: Tensor, /) -> Tensor: ...
+
+
+def _float_steps(t: Tensor) -> Tensor:
+    """The steps as floats: float64, or float32 on devices without float64 (MPS)."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
+def _full(like: Tensor, value: float) -> Tensor:
+    """``value`` as a tensor on ``like``'s device. Dividing by (or raising to) a device tensor instead of
+    a Python number keeps the IEEE operation: CUDA turns ``x / number`` into ``x * (1 / number)`` and
+    ``pow(x, number)`` has shortcuts for a few exponents, either of which can change the last bit."""
+    return torch.full_like(like, value)
 
 
 def _check_decay(value: float, what: str) -> float:
@@ -82,6 +117,10 @@ class constant:
     def __call__(self, t: int, /) -> float:
         return self.decay
 
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """beta_t = decay, shaped like ``t`` (see the module docstring)."""
+        return _full(_float_steps(t), self.decay)
+
 
 @dataclass(frozen=True)
 class ultralytics:
@@ -103,6 +142,12 @@ class ultralytics:
         _check_step(t)
         return self.decay * (1.0 - math.exp(-t / self.tau))
 
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """beta_t = decay * (1 - exp(-t / tau)) (see the module docstring: exp may differ from ``math.exp``
+        in the last bit)."""
+        x = _float_steps(t)
+        return (1.0 - torch.exp(torch.div(torch.neg(x), _full(x, self.tau)))) * self.decay
+
 
 @dataclass(frozen=True)
 class num_updates:
@@ -121,6 +166,11 @@ class num_updates:
     def __call__(self, t: int, /) -> float:
         _check_step(t)
         return min(self.decay, (1.0 + t) / (10.0 + t))
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """beta_t = min(decay, (1 + t) / (10 + t)) (see the module docstring)."""
+        x = _float_steps(t)
+        return torch.clamp_max((1.0 + x) / (10.0 + x), self.decay)
 
 
 @dataclass(frozen=True)
@@ -151,6 +201,14 @@ class inverse_gamma:
         value = 1.0 - float((1.0 + t / self.inv_gamma) ** -self.power)
         return max(self.min_decay, min(value, self.max_decay))
 
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """beta_t = clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, max_decay) (see the module
+        docstring)."""
+        x = _float_steps(t)
+        base = 1.0 + torch.div(x, _full(x, self.inv_gamma))
+        value = 1.0 - torch.pow(base, _full(base, -self.power))
+        return torch.clamp(value, min=self.min_decay, max=self.max_decay)
+
 
 @dataclass(frozen=True)
 class half_life:
@@ -165,6 +223,10 @@ class half_life:
 
     def __call__(self, t: int, /) -> float:
         return float(0.5 ** (1.0 / self.steps))
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """beta_t = 0.5 ** (1 / steps), shaped like ``t`` (see the module docstring)."""
+        return _full(_float_steps(t), self(1))
 
 
 @dataclass(frozen=True)
@@ -189,6 +251,11 @@ class power_function:
         _check_step(t)
         return float((1.0 - 1.0 / t) ** (self.gamma + 1.0))
 
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """beta_t = (1 - 1 / t) ** (gamma + 1) (see the module docstring)."""
+        base = 1.0 - torch.reciprocal(_float_steps(t))
+        return torch.pow(base, _full(base, self.gamma + 1.0))
+
 
 @dataclass(frozen=True)
 class uniform:
@@ -199,6 +266,10 @@ class uniform:
     def __call__(self, t: int, /) -> float:
         _check_step(t)
         return 1.0 - 1.0 / t
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """beta_t = 1 - 1 / t (see the module docstring)."""
+        return 1.0 - torch.reciprocal(_float_steps(t))
 
 
 def as_schedule(decay: float | Callable[[int], float]) -> Callable[[int], float]:
