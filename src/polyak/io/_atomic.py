@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,20 +36,49 @@ def _write_chunk(handle: BinaryIO, chunk: memoryview) -> None:
     handle.write(chunk)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview | Sequence[bytes | memoryview]) -> Path:
-    """Write ``data`` (bytes, or a sequence of parts written one after the other) to ``path`` atomically;
-    returns the path. Raises the OSError of a failed write (e.g. ``ENOSPC``) after removing the temporary
-    file; the previous ``path`` is left untouched."""
-    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+def write_chunked(handle: BinaryIO, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` in ``CHUNK_BYTES`` pieces (bounded syscall size; the tests inject failures here)."""
+    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+    for start in range(0, len(view), CHUNK_BYTES):
+        _write_chunk(handle, view[start : start + CHUNK_BYTES])
+
+
+class ChunkedWriter:
+    """A write-only file object over ``handle`` that writes through ``write_chunked`` (for ``torch.save``).
+
+    ``error`` keeps the first failed write: torch's zip writer reports it as its own RuntimeError (or a
+    second one while closing the archive), so the caller re-raises this one, e.g. ``ENOSPC``.
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            write_chunked(self._handle, data)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+        return len(memoryview(data).cast("B")) if isinstance(data, memoryview) else len(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a binary handle (readable and seekable) on a temporary file beside ``path``; on a clean exit
+    flush, ``fsync`` and rename it over ``path``, then ``fsync`` the directory. On any error (a failed
+    write such as ``ENOSPC``, an exception in the body, a KeyboardInterrupt) the temporary file is
+    removed and the previous ``path`` is left untouched."""
     target = check_writable_destination(path)
     parent = target.parent if str(target.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            for part in parts:
-                view = memoryview(part)
-                for start in range(0, len(view), CHUNK_BYTES):
-                    _write_chunk(handle, view[start : start + CHUNK_BYTES])
+        with os.fdopen(fd, "w+b") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         if target.exists():  # keep the previous file's permission bits
@@ -65,7 +94,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview | 
             os.unlink(tmp_name)
         raise
     _fsync_directory(parent)
-    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview | Sequence[bytes | memoryview]) -> Path:
+    """Write ``data`` (bytes, or a sequence of parts written one after the other) to ``path`` atomically;
+    returns the path. Raises the OSError of a failed write (e.g. ``ENOSPC``) after removing the temporary
+    file; the previous ``path`` is left untouched."""
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    with atomic_writer(path) as handle:
+        for part in parts:
+            write_chunked(handle, part)
+    return Path(path)
 
 
 def _fsync_directory(directory: Path) -> None:
