@@ -25,13 +25,11 @@ inside ``with callback.ema.apply():``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -42,43 +40,28 @@ __all__ = ["CHECKPOINT_FILE", "EMACallback", "load_ema_state", "save_ema_state"]
 log = logging.getLogger("polyak")
 
 CHECKPOINT_FILE = "polyak_ema.safetensors"
-_METADATA_KEY = "polyak_ema_state"
 
 
 def save_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
-    """Write ``ema.state_dict()`` to one safetensors file: tensors as ``averages.<k>.<key>``, everything
-    else as JSON in the file's metadata. Written to ``<path>.tmp`` first, then renamed (atomic)."""
-    from safetensors.torch import save_file
+    """Write ``ema`` to ``path`` as a polyak safetensors checkpoint (``polyak.save``: atomic, fsynced,
+    with a sha256 of the tensor bytes; ``polyak inspect`` reads it)."""
+    from polyak.io._checkpoint import save
 
-    state = ema.state_dict()
-    tensors = {
-        f"averages.{k}.{key}": value.contiguous()
-        for k, average in enumerate(state["averages"])
-        for key, value in average.items()
-    }
-    rest = {name: value for name, value in state.items() if name != "averages"}
-    rest["num_averages"] = len(state["averages"])
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(rest)})
-    os.replace(tmp, path)
+    save(path, ema, format="safetensors")
 
 
 def load_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
-    """Restore a file written by :func:`save_ema_state` into ``ema`` (validated by ``EMA.load_state_dict``
-    before anything changes). No pickle: safetensors + JSON only."""
-    from safetensors import safe_open
+    """Restore a file written by :func:`save_ema_state` into ``ema`` (validated before anything changes;
+    no pickle)."""
+    from polyak.io._checkpoint import read
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if _METADATA_KEY not in metadata:
-            raise ValueError(f"{os.fspath(path)!r} is not a polyak EMA checkpoint (no {_METADATA_KEY!r} metadata)")
-        rest: dict[str, Any] = json.loads(metadata[_METADATA_KEY])
-        num_averages = int(rest.pop("num_averages"))
-        averages: list[dict[str, torch.Tensor]] = [{} for _ in range(num_averages)]
-        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            _, index, key = name.split(".", 2)
-            averages[int(index)][key] = f.get_tensor(name)
-    ema.load_state_dict({**rest, "averages": averages})
+    checkpoint = read(path)
+    if checkpoint.kind != "polyak" or checkpoint.ema is None:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a polyak EMA checkpoint (it holds {checkpoint.kind!r} data); "
+            "pass a file written by EMACallback or polyak.save(path, ema)"
+        )
+    ema.load_state_dict(checkpoint.ema)
 
 
 class EMACallback(TrainerCallback):  # type: ignore[misc]
