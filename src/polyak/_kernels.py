@@ -16,7 +16,7 @@ the same bits. Measured on a 2-core CPU (``benchmarks/bench_update.py``), the la
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -138,19 +138,24 @@ def flat_finite(source: Tensor) -> Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
+def _real_floating(sources: Sequence[Tensor]) -> Iterator[Tensor]:
+    """The non-empty floating sources, complex ones viewed as real (what a finiteness check reads)."""
+    for s in sources:
+        if s.numel() == 0:
+            continue
+        if s.is_complex():
+            s = torch.view_as_real(s)
+        if s.is_floating_point():
+            yield s
+
+
 def all_finite(sources: Sequence[Tensor]) -> Tensor:
     """A 0-dim bool tensor on the sources' device: True when no source holds a NaN or an infinity.
 
     One ``aminmax`` per tensor (exact; reads each element once). Complex tensors are viewed as real.
     """
     parts: list[Tensor] = []
-    for s in sources:
-        if s.numel() == 0:
-            continue
-        if s.is_complex():
-            s = torch.view_as_real(s)
-        if not (s.is_floating_point() or s.is_complex()):
-            continue
+    for s in _real_floating(sources):
         parts.extend(torch.aminmax(s))
     if not parts:
         device = sources[0].device if sources else torch.device("cpu")
@@ -169,15 +174,7 @@ def finite_on_host(sources: Sequence[Tensor]) -> bool:
     like ``aminmax`` but costs less arithmetic: measured on a 2-core CPU, 0.06 ms against 0.14 ms for
     2M cached floats, the same for 25M floats (memory-bound).
     """
-    sums: list[Tensor] = []
-    for s in sources:
-        if s.numel() == 0:
-            continue
-        if s.is_complex():
-            s = torch.view_as_real(s)
-        if not s.is_floating_point():
-            continue
-        sums.append(s.sum(dtype=torch.float32) if s.element_size() < 4 else s.sum())
+    sums = [s.sum(dtype=torch.float32) if s.element_size() < 4 else s.sum() for s in _real_floating(sources)]
     if not sums:
         return True
     if len(sums) == 1:
