@@ -158,7 +158,7 @@ def plan_group(group: Group, num_averages: int, *, check: bool, force_gather: bo
     """Choose how ``update()`` reads this group's sources, and cache what that plan needs.
 
     Gathering small tensors pays when the flat source is read more than once: by K > 1 averages or by
-    the finiteness ``check`` (one ``aminmax`` on the flat source instead of one per tensor). For one
+    the finiteness ``check`` (one sum on the flat source instead of one per tensor). For one
     unchecked average, one ``_foreach_lerp_`` costs about the same as the ``cat`` alone, so it stays.
     """
     group.source_flat = None
