@@ -501,3 +501,23 @@ def test_flat_plan_compares_pointers_only_when_the_flat_buffer_gains_or_loses_a_
     assert calls == 3  # noticed at the first update after it
     assert ema.update_plans[0][2] != "flat"
     assert_same_bits(ema, ref)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"flatten": True}, {"nonfinite": "ignore"}, {"decay": [0.5, 0.9]}])
+def test_default_update_called_inside_torch_compile_matches_eager(kwargs: dict[str, object]) -> None:
+    """The default update under dynamo (graph breaks where it reads the host) gives the eager bits; the
+    inductor backend differs only by its non-fused lerp (see test_capturable for fullgraph tracing)."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        model = make_model(torch.float32)
+        ema = EMA(model, **{"decay": 0.9, **kwargs})  # type: ignore[arg-type]
+        update = torch.compile(ema.update, backend="eager") if compiled else ema.update
+        for step in range(5):
+            perturb(model, step)
+            update()
+        assert ema.step == 5
+        results.append(ema.state_dict()["averages"])
+    for eager, compiled in zip(*results):
+        for key in eager:
+            assert torch.equal(eager[key], compiled[key]), key
