@@ -87,6 +87,14 @@ def main() -> None:
 
         seconds = rounds({"s": run}, args.rounds)["s"]
         streams[str(n_streams)] = values.size / seconds
+    scalar_stream = series.EWMStream(span=20)  # shape (): one stream fed Python floats (its fast path)
+    scalar_values = rng.normal(size=2000).tolist()
+
+    def run_scalar(stream: series.EWMStream = scalar_stream, values: list[float] = scalar_values) -> None:
+        for value in values:
+            stream.update(value)
+
+    streams["1 (shape (), floats)"] = len(scalar_values) / rounds({"s": run_scalar}, args.rounds)["s"]
     results["stream_updates_per_second"] = streams
 
     print(f"long series, {args.n:,} float64 points (median of {args.rounds} interleaved rounds):")
@@ -99,7 +107,7 @@ def main() -> None:
         print(f"  {name:34s} {sec * 1e3:9.1f} ms   {sec / ours:7.1f}x polyak")
     print("streaming EWMStream.update (values per second, 200 updates):")
     for n_streams, rate in streams.items():
-        print(f"  {n_streams:>7s} streams: {rate:,.0f} values/s")
+        print(f"  {n_streams:>20s} streams: {rate:,.0f} values/s")
     with open(args.json, "w") as fh:
         json.dump(results, fh, indent=2)
     print(f"wrote {args.json}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from polyak import series
 
@@ -67,3 +69,51 @@ def test_bad_state_and_shapes():
         stream.load_state_dict(bad)
     stream.update(2.0)  # a scalar broadcasts to every stream
     np.testing.assert_array_equal(stream.value, [2.0, 2.0, 2.0])
+
+
+# --- the one-stream fast path (Python floats) against the array path --------------------------------------
+
+_VALUES = st.one_of(
+    st.floats(min_value=-1e6, max_value=1e6),
+    st.just(float("nan")),
+    st.just(0.0),
+    st.sampled_from([1e300, -1e300, float("inf")]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=st.lists(st.tuples(_VALUES, st.sampled_from([1.0, 0.0, 0.5, 2.5])), min_size=1, max_size=30),
+    alpha=st.sampled_from([0.1, 0.5, 0.9, 1.0]),
+    adjust=st.booleans(),
+    ignore_na=st.booleans(),
+    continuous=st.booleans(),
+    min_periods=st.integers(0, 3),
+)
+def test_scalar_stream_gives_the_bits_of_a_one_element_array_stream(
+    values: list[tuple[float, float]], alpha: float, adjust: bool, ignore_na: bool, continuous: bool, min_periods: int
+) -> None:
+    kwargs = {"adjust": adjust, "ignore_na": ignore_na, "min_periods": min_periods}
+    if continuous:
+        scalar, array = (series.EWMStream(s, decay_per_unit=1 - alpha, **kwargs) for s in ((), 1))
+    else:
+        scalar, array = (series.EWMStream(s, alpha=alpha, **kwargs) for s in ((), 1))
+    with np.errstate(all="ignore"):  # huge values overflow to inf in both paths alike
+        for x, elapsed in values:
+            got = scalar.update(x, elapsed=elapsed)
+            want = array.update(np.array([x]), elapsed=elapsed)
+            assert got.shape == ()
+            np.testing.assert_array_equal(got, want[0])
+        for name in ("var", "std"):
+            np.testing.assert_array_equal(getattr(scalar, name), getattr(array, name)[0])
+    for key, value in scalar.state_dict().items():
+        np.testing.assert_array_equal(value, array.state_dict()[key][0])
+
+
+def test_scalar_stream_accepts_numpy_scalars_and_falls_back_for_arrays() -> None:
+    fast, slow = series.EWMStream(span=5), series.EWMStream(span=5)
+    for x in (1.0, np.float32(2.5), np.int64(3), 4):
+        fast.update(x)
+        slow.update(np.asarray(x, dtype=np.float64))  # a 0-d array takes the array path
+    np.testing.assert_array_equal(fast.value, slow.value)
+    np.testing.assert_array_equal(fast.var, slow.var)
