@@ -685,6 +685,10 @@ class EMA:
         self._poll(block=True)
         self._check_model_unchanged()
         averaged = self._averaged_by_key(index)
+        for sel in self._selected:  # a tied tensor (e.g. embedding = output head) has one average, several keys
+            if sel.key in averaged:
+                for key in sel.model_keys:
+                    averaged.setdefault(normalize_key(key), averaged[sel.key])
         skipped = {k for s in self._selected if s.mode == "skip" for k in s.model_keys}
         out: dict[str, Any] = {}
         for key, value in self.model.state_dict().items():

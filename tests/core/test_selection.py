@@ -115,9 +115,19 @@ def test_tied_weights_share_one_shadow():
     model = nn.ModuleDict({"emb": emb, "head": head})
     ema = EMA(model, decay=0.5)
     assert ema.averaged_keys == ["emb.weight"]
+    start = emb.weight.detach().clone()
+    with torch.no_grad():
+        emb.weight.add_(2.0)
+    ema.update()
+    expected = start.lerp(start + 2.0, 0.5)
     sd = ema.averaged_state_dict()
     assert set(sd) == {"emb.weight", "head.weight"}
+    # every key of the tied tensor holds the average (not the live value under its second name, which
+    # load_state_dict would otherwise write last, over the average)
+    torch.testing.assert_close(sd["emb.weight"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(sd["head.weight"], expected, rtol=0, atol=0)
     model.load_state_dict(sd)
+    torch.testing.assert_close(head.weight.detach(), expected, rtol=0, atol=0)
 
 
 def test_model_that_deepcopy_rejects():

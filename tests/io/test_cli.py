@@ -125,3 +125,22 @@ def test_inspect_peer_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "trust_pickle=True" in capsys.readouterr().err
     assert main(["inspect", "--trust-pickle", str(tmp_path / "u.pt")]) == 0
     assert "format:  ultralytics" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_extract_gives_every_name_of_a_tied_tensor_its_average(tmp_path: Path, suffix: str) -> None:
+    emb = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    ema = polyak.EMA(model, decay=0.5)
+    with torch.no_grad():
+        emb.weight.add_(2.0)
+    ema.update()
+    path = polyak.save(tmp_path / f"c{suffix}", ema, model=model)
+    out = tmp_path / "model.safetensors"
+    assert main(["extract", str(path), "-o", str(out)]) == 0
+    weights = load_file(str(out))
+    expected = ema.averaged_state_dict()["emb.weight"]
+    assert torch.equal(weights["emb.weight"], expected)
+    assert torch.equal(weights["head.weight"], expected)  # not the live weight under the second name

@@ -24,8 +24,13 @@ def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def flatten(tree: Any, prefix: str) -> tuple[Any, dict[str, Tensor]]:
-    """Return ``(skeleton, tensors)``; tensor names are dotted paths under ``prefix``."""
+def flatten(tree: Any, prefix: str, *, share: bool = True) -> tuple[Any, dict[str, Tensor]]:
+    """Return ``(skeleton, tensors)``; tensor names are dotted paths under ``prefix``.
+
+    A tensor met twice (tied weights) is stored once and both paths refer to it (``share``), so it reads
+    back as one tensor, as ``torch.save`` keeps sharing; ``share=False`` stores a copy under each path
+    (for plain ``{key: tensor}`` files, which need every key).
+    """
     tensors: dict[str, Tensor] = {}
     seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
 
@@ -43,13 +48,16 @@ def flatten(tree: Any, prefix: str) -> tuple[Any, dict[str, Tensor]]:
                 t = t.cpu()
             t = t.contiguous()
             ident = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype)
-            if t.numel() and ident in seen:  # tied / shared tensors: safetensors stores each storage once
+            if t.numel() and ident in seen:
+                if share:
+                    return {_TENSOR: seen[ident]}
                 t = t.clone()
-            elif t.numel():
-                seen[ident] = path
+                ident = (t.untyped_storage().data_ptr(), 0, tuple(t.shape), t.dtype)
+            if t.numel():
+                seen[ident] = name_for(path)
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()  # a view into a larger storage
-            name = name_for(path)
+            name = seen[ident] if t.numel() else name_for(path)
             tensors[name] = t
             return {_TENSOR: name}
         if isinstance(node, bool) or node is None or isinstance(node, (int, float, str)):

@@ -71,11 +71,35 @@ def averaged_from_checkpoint(ckpt: Any, index: int) -> tuple[dict[str, Tensor], 
     raw = ckpt.model if isinstance(ckpt.model, Mapping) else None
     if raw is None:
         return shadow, int(ema.get("step", 0)), None
+    # A tied tensor (embedding = output head) has one shadow under its first key; its other keys in the
+    # raw model state are the same tensor, so they take that shadow too (else loading the file would
+    # write the live value over the average through the second key).
+    tied = {
+        _identity(value): shadow[normalize_key(str(key))]
+        for key, value in raw.items()
+        if isinstance(value, Tensor) and value.numel() > 0 and normalize_key(str(key)) in shadow
+    }
     out: dict[str, Tensor] = {}
     for key, value in raw.items():
         norm = normalize_key(str(key))
-        out[str(key)] = shadow[norm].to(value.dtype) if norm in shadow else value
+        if norm in shadow:
+            out[str(key)] = shadow[norm].to(value.dtype)
+        elif isinstance(value, Tensor) and value.numel() > 0 and _identity(value) in tied:
+            out[str(key)] = tied[_identity(value)].to(value.dtype)
+        else:
+            out[str(key)] = value
     return out, int(ema.get("step", 0)), dict(raw)
+
+
+def _identity(tensor: Tensor) -> tuple[Any, ...]:
+    """Equal for two names of one stored tensor (same storage, offset, shape, strides and dtype)."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -319,7 +319,7 @@ def save_plain_safetensors(path: str | os.PathLike[str], state: Mapping[str, Ten
     from polyak.io import _tree
     from polyak.io._atomic import atomic_write_bytes
 
-    _, tensors = _tree.flatten({str(k): v for k, v in state.items()}, "")
+    _, tensors = _tree.flatten({str(k): v for k, v in state.items()}, "", share=False)
     if set(tensors) != {str(k) for k in state}:
         raise ValueError("keys with '.'-joined collisions cannot be stored in one safetensors file")
     return atomic_write_bytes(path, st_save(tensors, metadata={"format": "pt"}))
