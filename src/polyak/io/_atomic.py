@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -94,17 +94,6 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             os.unlink(tmp_name)
         raise
     _fsync_directory(parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview | Sequence[bytes | memoryview]) -> Path:
-    """Write ``data`` (bytes, or a sequence of parts written one after the other) to ``path`` atomically;
-    returns the path. Raises the OSError of a failed write (e.g. ``ENOSPC``) after removing the temporary
-    file; the previous ``path`` is left untouched."""
-    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-    with atomic_writer(path) as handle:
-        for part in parts:
-            write_chunked(handle, part)
-    return Path(path)
 
 
 def _fsync_directory(directory: Path) -> None:

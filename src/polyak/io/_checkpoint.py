@@ -21,18 +21,17 @@ import hashlib
 import json
 import os
 import pickle
-import sys
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from polyak.io import _tree
-from polyak.io._atomic import ChunkedWriter, atomic_writer, check_writable_destination, write_chunked
+from polyak.io import _tree, _writers
+from polyak.io._atomic import check_writable_destination
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "FileFormat", "load", "read", "save"]
 
@@ -92,22 +91,11 @@ def save(
     if all(v is None for v in payload.values()):
         raise ValueError("nothing to save: pass an EMA and/or model=, optimizer=, extra=")
     if fmt == "pt":
-        with atomic_writer(path) as handle:
-            writer = ChunkedWriter(handle)
-            try:
-                torch.save(
-                    {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload},
-                    writer,  # type: ignore[arg-type]  # a file-like object with write()
-                )
-            except RuntimeError:
-                if writer.error is not None:
-                    raise writer.error from None
-                raise
-        return Path(path)
-    layout = _safetensors_layout(payload)  # every error about the payload comes before the file is opened
-    with atomic_writer(path) as handle:
-        _write_safetensors(handle, layout)
-    return Path(path)
+        return _writers.save_torch(path, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload})
+    skeleton, tensors = _tree.flatten(payload, "")
+    metadata = _header_metadata(payload)
+    metadata["tree"] = json.dumps(skeleton)
+    return _writers.save_safetensors(path, tensors, metadata)
 
 
 def _state_of(obj: Any, what: str) -> Any:
@@ -130,95 +118,6 @@ def _header_metadata(payload: dict[str, Any]) -> dict[str, str]:
         meta["ema_step"] = str(ema.get("step"))
         meta["ema_config"] = json.dumps(ema.get("config"), default=str)
     return meta
-
-
-# safetensors dtype names (https://github.com/huggingface/safetensors, "dtype" in the header)
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.complex64: "C64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """A safetensors file before its bytes: the header (sha256 still a placeholder) and the tensors in
-    file order."""
-
-    header: dict[str, Any]
-    tensors: list[Tensor]
-
-
-def _safetensors_layout(payload: dict[str, Any]) -> _Layout:
-    """Name, order and place every tensor of ``payload`` as safetensors does: larger element sizes first
-    (so each tensor starts at a multiple of its element size after the 8-byte-aligned header), then by
-    name; offsets are relative to the end of the header."""
-    if sys.byteorder != "little":
-        raise ValueError("safetensors stores little-endian bytes; on this big-endian host save with format='pt'")
-    skeleton, tensors = _tree.flatten(payload, "")
-    meta = _header_metadata(payload)
-    meta["tree"] = json.dumps(skeleton)
-    entries = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
-    header: dict[str, Any] = {"__metadata__": meta}
-    offset = 0
-    for name, tensor in entries:
-        dtype = _SAFETENSORS_DTYPES.get(tensor.dtype)
-        if dtype is None:
-            raise TypeError(
-                f"cannot store tensor {name!r} of dtype {tensor.dtype} in safetensors; convert it "
-                "(e.g. .float()) or save with format='pt'"
-            )
-        if tensor.layout != torch.strided or tensor.device.type == "meta":
-            raise TypeError(f"cannot store tensor {name!r}: only dense tensors with data can be saved")
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    meta["payload_bytes"] = str(offset)
-    meta["sha256"] = "0" * 64  # the real digest has the same length: the header is rewritten in place
-    return _Layout(header, [t for _, t in entries])
-
-
-def _encode_header(header: dict[str, Any]) -> bytes:
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded
-
-
-def _tensor_bytes(tensor: Tensor) -> memoryview:
-    """The tensor's bytes in C order on the host: a view where it is already a contiguous CPU tensor,
-    else one copy of this tensor only."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer
-
-
-def _write_safetensors(handle: BinaryIO, layout: _Layout) -> None:
-    """Stream the tensors one at a time after a placeholder header, hashing as they go, then write the
-    header again with the real sha256: memory beyond the model is one tensor's host copy at most."""
-    placeholder = _encode_header(layout.header)
-    handle.write(placeholder)
-    digest = hashlib.sha256()
-    for tensor in layout.tensors:
-        data = _tensor_bytes(tensor)
-        digest.update(data)
-        write_chunked(handle, data)
-    header = {**layout.header, "__metadata__": {**layout.header["__metadata__"], "sha256": digest.hexdigest()}}
-    final = _encode_header(header)
-    if len(final) != len(placeholder):  # a hex sha256 has a fixed length; this guards the format
-        raise RuntimeError("internal error: the safetensors header changed length when the sha256 was filled in")
-    handle.seek(0)
-    handle.write(final)
 
 
 # --- reading ------------------------------------------------------------------------------------------

@@ -205,17 +205,13 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _write_state(path: str, state: Mapping[str, Any], save_plain: Any) -> None:
-    import io
-
-    from polyak.io._atomic import atomic_write_bytes
+    from polyak.io import _writers
     from polyak.io._checkpoint import file_format_for
 
     if file_format_for(path, None) == "safetensors":
         save_plain(path, state)
         return
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    _writers.save_torch(path, dict(state))
 
 
 def _convert(args: argparse.Namespace) -> int:

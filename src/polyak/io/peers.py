@@ -24,7 +24,6 @@ peer's step counter becomes ``ema.step``; decay schedules are not stored by most
 from __future__ import annotations
 
 import copy
-import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from polyak._select import normalize_key
+from polyak.io import _writers
 
 __all__ = ["PEER_FORMATS", "averaged_weights", "detect", "export", "from_peer", "peer_state", "to_polyak_state"]
 
@@ -286,7 +286,7 @@ def export(path: str | os.PathLike[str], ema: Any, *, format: str, index: int = 
     torch_ema/diffusers get the decay of the current step as their constant ``decay``; Ultralytics gets
     a deep copy of the model holding the averaged weights (a pickle: loading it needs trust).
     """
-    from polyak.io._atomic import atomic_write_bytes, check_writable_destination
+    from polyak.io._atomic import check_writable_destination
 
     check_writable_destination(path)
     averaged = ema.averaged_state_dict(index)
@@ -307,19 +307,15 @@ def export(path: str | os.PathLike[str], ema: Any, *, format: str, index: int = 
         )
     if format == "state_dict" and Path(path).suffix.lower() == ".safetensors":
         return save_plain_safetensors(path, obj)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return _writers.save_torch(path, obj)
 
 
 def save_plain_safetensors(path: str | os.PathLike[str], state: Mapping[str, Tensor]) -> Path:
-    """Write ``{key: tensor}`` as a plain safetensors file (atomically); tied tensors stored once each."""
-    from safetensors.torch import save as st_save
-
+    """Write ``{key: tensor}`` as a plain safetensors file (streamed, atomic) that ``load_file`` and
+    ``model.load_state_dict`` take: every key present, a tied tensor stored under each of its names."""
     from polyak.io import _tree
-    from polyak.io._atomic import atomic_write_bytes
 
     _, tensors = _tree.flatten({str(k): v for k, v in state.items()}, "", share=False)
     if set(tensors) != {str(k) for k in state}:
         raise ValueError("keys with '.'-joined collisions cannot be stored in one safetensors file")
-    return atomic_write_bytes(path, st_save(tensors, metadata={"format": "pt"}))
+    return _writers.save_safetensors(path, tensors, {"format": "pt"})
