@@ -260,3 +260,34 @@ def test_epoch_evaluation_runs_on_the_averaged_weights(tmp_path: Path) -> None:
     averaged.load_state_dict(cb.ema.averaged_state_dict())
     assert eval_losses(trainer)[2] == pytest.approx(eval_loss(averaged), rel=1e-5, abs=1e-6)
     assert eval_losses(trainer)[2] != pytest.approx(eval_loss(trainer.model), rel=1e-5, abs=1e-6)
+
+
+def _eval_loss_on(model: Any, data: list[dict[str, torch.Tensor]]) -> float:
+    batch = {k: torch.stack([ex[k] for ex in data]) for k in data[0]}
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def test_every_eval_dataset_of_a_dict_is_evaluated_on_the_averaged_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    other = make_data(16, 2)
+    cb = EMACallback(decay=0.7)
+    trainer = make_trainer(tmp_path, [cb])
+    trainer.eval_dataset = {"a": EVAL, "b": other}
+    trainer.train()
+    assert cb.ema is not None
+    logs = [entry for entry in trainer.state.log_history if entry.get("step") == 6]
+    logged = {k: v for entry in logs for k, v in entry.items() if k in ("eval_a_loss", "eval_b_loss")}
+    averaged = make_model()
+    averaged.load_state_dict(cb.ema.averaged_state_dict())
+    assert logged["eval_a_loss"] == pytest.approx(_eval_loss_on(averaged, EVAL), rel=1e-5, abs=1e-6)
+    assert logged["eval_b_loss"] == pytest.approx(_eval_loss_on(averaged, other), rel=1e-5, abs=1e-6)
+    assert abs(logged["eval_b_loss"] - _eval_loss_on(trainer.model, other)) > 1e-4  # live differs
+    # the checkpoint written right after the last evaluation holds the live weights, not the average
+    saved = load_file(str(tmp_path / "checkpoint-6" / "model.safetensors"))
+    live = trainer.model.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(value, live[key]), key
+    assert not trainer.model._state_dict_pre_hooks  # the callback's hooks are gone after training

@@ -12,15 +12,16 @@ How it fits the Trainer's loop (transformers 4.x/5.x callback events):
   ``<output_dir>/checkpoint-<global_step>``;
 - ``on_step_end`` runs once per *optimizer* step (micro-batches of gradient accumulation fire
   ``on_substep_end``), so the average counts optimizer steps; when the flow has asked for an evaluation
-  at this step it swaps the averaged weights in, and ``on_evaluate`` swaps the live ones back, so the
-  ``eval_*`` metrics -- and ``metric_for_best_model`` / ``load_best_model_at_end`` -- are those of the
-  averaged weights, while checkpoints hold the live weights plus the EMA state;
+  at this step (or epoch) it swaps the averaged weights in, so the ``eval_*`` metrics of every eval
+  dataset -- and ``metric_for_best_model`` / ``load_best_model_at_end`` -- are those of the averaged
+  weights;
+- the live weights come back before anything reads or writes the model's state: a
+  ``state_dict``/``load_state_dict`` pre-hook on the model (the Trainer's checkpoint save and best-model
+  load go through them), ``on_step_begin``, ``on_epoch_begin``, ``on_save`` and ``on_train_end``. So
+  checkpoints hold the live weights plus the EMA state, and with a dict of eval datasets all of them are
+  evaluated on the averaged weights (the Trainer fires ``on_evaluate`` after each one, with no event
+  between the last one and the checkpoint save: the hook is what catches that save);
 - ``on_save`` writes the EMA state next to the Trainer's checkpoint files.
-
-Limitation: with a dict of eval datasets only the first is evaluated on the averaged weights (the Trainer
-fires ``on_evaluate`` after each one and writes the checkpoint right after the last, with no event before
-it, so the live weights must be back after the first). Use one eval dataset, or evaluate the others by hand
-inside ``with callback.ema.apply():``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         self.ema_kwargs = ema_kwargs
         self.ema: EMA | None = None
         self._applied: AbstractContextManager[nn.Module] | None = None
+        self._handles: list[Any] = []  # the model's state_dict / load_state_dict pre-hooks (see _swap_out)
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _build(self, model: nn.Module) -> EMA:
@@ -122,10 +124,24 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         self._applied = self.ema.apply(self.index)
         self._applied.__enter__()
 
-    def _swap_out(self) -> None:
+    def _swap_out(self, *_: Any, **__: Any) -> None:
+        """Put the live weights back (a no-op when they are in). Also the model's state_dict and
+        load_state_dict pre-hook, so nothing saves or loads the model while the average is swapped in."""
         if self._applied is not None:
             applied, self._applied = self._applied, None
             applied.__exit__(None, None, None)
+
+    def _hook(self, model: nn.Module) -> None:
+        self._unhook()
+        self._handles = [
+            model.register_state_dict_pre_hook(self._swap_out),  # type: ignore[no-untyped-call]
+            model.register_load_state_dict_pre_hook(self._swap_out),  # type: ignore[no-untyped-call]
+        ]
+
+    def _unhook(self) -> None:
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
 
     def save_averaged(self, trainer: Any, output_dir: str | None = None) -> None:
         """``trainer.save_model(output_dir)`` with the averaged weights swapped in (the live model is
@@ -145,6 +161,7 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         if not isinstance(model, nn.Module):
             raise TypeError("EMACallback: the Trainer passed no model to on_train_begin")
         ema = self._build(model)
+        self._hook(model)
         if state.global_step > 0:
             path = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}", CHECKPOINT_FILE)
             if os.path.isfile(path):
@@ -170,7 +187,14 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         if self.enabled and control.should_evaluate:
             self._swap_in(state)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._swap_out()  # train on the live weights
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._swap_out()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -187,6 +211,7 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._swap_out()
+        self._unhook()
         if not self.enabled or self.ema is None:
             return
         best = state.best_model_checkpoint
