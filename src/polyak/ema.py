@@ -798,6 +798,8 @@ class EMA:
                 f"the state was saved with debias={config['debias']} but this EMA has debias={self.debias}; "
                 "the shadows mean different things, build the EMA with the same debias"
             )
+        if isinstance(config, Mapping):
+            self._warn_on_config_change(config)
         step = state_dict.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"corrupt EMA state: 'step' must be a non-negative int, got {step!r}")
@@ -846,6 +848,26 @@ class EMA:
         self._last_decays = tuple(float(d) for d in last)
         if self._device is not None:
             self._device.load(self._step, self._products, self._last_decays)
+
+    def _warn_on_config_change(self, saved: Mapping[str, Any]) -> None:
+        """Log (once per load) the settings that differ from the saved ones: the EMA keeps its own, as an
+        optimizer built with a new learning rate would, but a silent change of decay on resume is a
+        common mistake."""
+        now = {
+            "decay": [repr(s) for s in self.schedules],
+            "start_step": self.start_step,
+            "update_every": self.update_every,
+        }
+        changed = [
+            f"{name} {saved[name]!r} -> {value!r}"
+            for name, value in now.items()
+            if name in saved and saved[name] != value
+        ]
+        if changed:
+            log.warning(
+                "polyak: loading an EMA state saved with other settings (%s); this EMA continues with its own",
+                "; ".join(changed),
+            )
 
     # --- model integrity -------------------------------------------------------------------------------
     def _find_buffer_slots(self) -> list[tuple[dict[str, Any], str, Tensor]]:

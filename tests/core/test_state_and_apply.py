@@ -157,3 +157,18 @@ def test_resume_equals_uninterrupted(debias):
         for k, v in ema_a.averaged_state_dict(index).items():
             assert torch.equal(ema_c.averaged_state_dict(index)[k], v), k
     assert ema_c.step == ema_a.step == 11
+
+
+def test_loading_a_state_saved_with_other_settings_logs_what_changed(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    model = nn.Linear(3, 2)
+    saved = EMA(model, decay=0.9, start_step=2).state_dict()
+    with caplog.at_level(logging.WARNING, logger="polyak"):
+        EMA(model, decay=0.9, start_step=2).load_state_dict(saved)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="polyak"):
+        EMA(model, decay=0.99, start_step=2, update_every=4).load_state_dict(saved)
+    assert "decay ['constant(decay=0.9)'] -> ['constant(decay=0.99)']" in caplog.text
+    assert "update_every 1 -> 4" in caplog.text
+    assert "start_step" not in caplog.text
