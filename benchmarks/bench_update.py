@@ -16,7 +16,14 @@ the check; ``polyak flatten`` is the opt-in ``EMA(..., flatten=True)`` (default 
 ignore`` the same without the check.
 ``polyak K=4`` keeps four decays; its ratio is also reported against ``polyak`` (K=1).
 
-Usage: python benchmarks/bench_update.py [--shapes resnet50,gpt,many_small] [--rounds 15]
+Bandwidth: "GB/s" is the least traffic of one update (12 bytes per fp32 weight; 4 + 8K for K averages;
+8 for the copy) over its median time. "of copy" compares it with a flat ``copy_`` timed in the same
+rounds, the usual measure of achievable bandwidth on a GPU; on a CPU a copy also reads each target line
+before writing it (write-allocate), so in-place updates can exceed 100% there. On CUDA, "of peak" divides
+by the device's theoretical bandwidth (memory clock x bus width, when torch reports them): issue 4's goal
+is >= 85% for polyak there.
+
+Usage: python benchmarks/bench_update.py [--shapes resnet50,gpt,many_small] [--rounds 15] [--device cuda]
        [--out benchmarks/results/update.json]
 """
 
@@ -100,7 +107,7 @@ def gpt_shapes(
     return shapes
 
 
-def build(shape: str) -> nn.Module:
+def build(shape: str, device: torch.device | str = "cpu") -> nn.Module:
     if shape == "many_small":
         with torch.device("meta"):
             model: nn.Module = nn.Sequential(*[nn.Linear(28, 28) for _ in range(2500)])
@@ -110,11 +117,11 @@ def build(shape: str) -> nn.Module:
         model = Params(gpt_shapes())
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)  # filled on the CPU, copied to the device
     return model
 
 
@@ -127,6 +134,13 @@ def impl_flat_lerp(model: nn.Module) -> Callable[[], None]:
         shadow.lerp_(source, 1 - DECAY)
 
     return update
+
+
+def impl_flat_copy(model: nn.Module) -> Callable[[], None]:
+    """The achievable memory bandwidth: one flat ``copy_`` (reads and writes 4 bytes per fp32 weight)."""
+    source = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    target = torch.empty_like(source)
+    return lambda: target.copy_(source)
 
 
 def impl_foreach(model: nn.Module) -> Callable[[], None]:
@@ -217,7 +231,11 @@ def quantile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, seed: int) -> dict[str, list[float]]:
+def time_rounds(
+    fns: dict[str, Callable[[], None]], rounds: int, seed: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Wall time of each call, implementations shuffled in every round; ``sync`` waits for the device
+    (CUDA) before the clock starts and before it stops."""
     rng = random.Random(seed)
     names = list(fns)
     for name in names:  # warm-up: allocations, first-touch, lazy state
@@ -227,18 +245,45 @@ def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, seed: int) -> d
     for _ in range(rounds):
         rng.shuffle(names)
         for name in names:
+            sync()
             t0 = time.perf_counter()
             fns[name]()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return times
 
 
-def bench_shape(shape: str, rounds: int, with_peers: bool) -> dict[str, Any]:
-    model = build(shape)
+def peak_bandwidth_gb_per_s(device: torch.device) -> float | None:
+    """A CUDA device's theoretical memory bandwidth (double data rate x bus width), when torch reports
+    the memory clock and bus width; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def bytes_per_update(name: str, n_params: int) -> int:
+    """The least memory traffic of one update of fp32 weights: read weight + read and write shadow
+    (12 bytes per weight); K averages read the weight once (4 + 8K); a copy reads and writes 8."""
+    if name == "flat copy":
+        return 8 * n_params
+    if name == "polyak K=4":
+        return (4 + 8 * 4) * n_params
+    return 12 * n_params
+
+
+def bench_shape(shape: str, rounds: int, with_peers: bool, device: torch.device) -> dict[str, Any]:
+    model = build(shape, device)
+    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
     makers: dict[str, Callable[[nn.Module], Callable[[], None]]] = {
         "flat lerp": impl_flat_lerp,
+        "flat copy": impl_flat_copy,
         "_foreach_lerp_": impl_foreach,
         "polyak": impl_polyak(decay=DECAY),
         "polyak ignore": impl_polyak(decay=DECAY, nonfinite="ignore"),
@@ -248,14 +293,14 @@ def bench_shape(shape: str, rounds: int, with_peers: bool) -> dict[str, Any]:
     }
     results: dict[str, Any] = {}
     own = {name: make(model) for name, make in makers.items()}
-    own_times = time_rounds(own, rounds, seed=1)
+    own_times = time_rounds(own, rounds, seed=1, sync=sync)
     del own
     gc.collect()
     all_times = dict(own_times)
     if with_peers:  # one peer at a time beside flat lerp (their deep copies need memory)
         for name, make in peer_impls().items():
             fns = {"flat lerp": impl_flat_lerp(model), name: make(model)}
-            t = time_rounds(fns, rounds, seed=2)
+            t = time_rounds(fns, rounds, seed=2, sync=sync)
             all_times[name] = t[name]
             all_times[f"flat lerp (with {name})"] = t["flat lerp"]
             del fns
@@ -270,7 +315,14 @@ def bench_shape(shape: str, rounds: int, with_peers: bool) -> dict[str, Any]:
             "median_ms": 1e3 * statistics.median(ts),
             "ratio_to_flat_lerp": med,
             "noise": (quantile(ratios, 0.75) - quantile(ratios, 0.25)) / med,
+            "effective_GB_per_s": bytes_per_update(name, n_params) / statistics.median(ts) / 1e9,
         }
+    copy_rate = results["flat copy"]["effective_GB_per_s"]
+    peak = peak_bandwidth_gb_per_s(device)
+    for r in results.values():  # the bandwidth fraction, against the copy measured in the same rounds
+        r["fraction_of_copy_bandwidth"] = r["effective_GB_per_s"] / copy_rate
+        if peak is not None:
+            r["fraction_of_peak_bandwidth"] = r["effective_GB_per_s"] / peak
     k4 = [a / b for a, b in zip(own_times["polyak K=4"], own_times["polyak"])]
     results["polyak K=4"]["ratio_to_polyak_K1"] = statistics.median(k4)
     entry: dict[str, Any] = {"shape": shape, "params": n_params, "tensors": n_tensors, "results": results}
@@ -293,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "update.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (weights, shadows and peers on it)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -302,16 +356,28 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "peak_GB_per_s": peak_bandwidth_gb_per_s(device),
     }
     report = {"machine": machine, "decay": DECAY, "rounds": args.rounds, "shapes": []}
     for shape in args.shapes.split(","):
-        entry = bench_shape(shape, args.rounds, with_peers=not args.no_peers)
+        entry = bench_shape(shape, args.rounds, with_peers=not args.no_peers, device=device)
         report["shapes"].append(entry)
         print(f"\n{shape}: {entry['params'] / 1e6:.1f}M params in {entry['tensors']} tensors")
-        print("| implementation | ms/update | × flat lerp | noise |\n|---|---|---|---|")
+        with_peak = machine["peak_GB_per_s"] is not None
+        print(
+            "| implementation | ms/update | × flat lerp | noise | GB/s | of copy |"
+            + (" of peak |" if with_peak else "")
+            + "\n|---|---|---|---|---|---|"
+            + ("---|" if with_peak else "")
+        )
         for name, r in sorted(entry["results"].items(), key=lambda kv: kv[1]["ratio_to_flat_lerp"]):
             extra = f" ({r['ratio_to_polyak_K1']:.2f}× polyak K=1)" if "ratio_to_polyak_K1" in r else ""
-            print(f"| {name} | {r['median_ms']:.2f} | {r['ratio_to_flat_lerp']:.2f}{extra} | {r['noise']:.2f} |")
+            peak_cell = f" {r['fraction_of_peak_bandwidth']:.0%} |" if with_peak else ""
+            print(
+                f"| {name} | {r['median_ms']:.2f} | {r['ratio_to_flat_lerp']:.2f}{extra} | {r['noise']:.2f} "
+                f"| {r['effective_GB_per_s']:.1f} | {r['fraction_of_copy_bandwidth']:.0%} |{peak_cell}"
+            )
         if "fastest_peer" in entry:
             speedups = ", ".join(f"{n} {x:.1f}×" for n, x in entry["speedup_over_fastest_peer"].items())
             print(f"speed-up over the fastest peer ({entry['fastest_peer']}): {speedups}")
