@@ -8,6 +8,7 @@ buffers keyed by the model's normalised parameter names (see ``polyak._storage``
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -62,6 +63,24 @@ def _check_int(value: object, what: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value}")
     return value
+
+
+def _refuse_sharded(selected: list[Selected]) -> None:
+    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) hold one shard per rank behind a
+    global shape: averaging them needs each rank to average its own shard, which is not built yet. Say
+    so, instead of failing later inside a foreach kernel with 'mixed torch.Tensor and DTensor'."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: nothing to import or check
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [s.key for s in selected if s.mode == "average" and isinstance(s.tensor, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"{len(sharded)} tensor(s) of the model are DTensors (sharded by FSDP2's fully_shard or tensor "
+            f"parallelism), e.g. {sharded[:3]}; polyak cannot average sharded parameters yet. Use DDP "
+            "(supported: every rank averages the full model), or include=/exclude= to average only the "
+            "tensors that are not sharded"
+        )
 
 
 class EMA:
@@ -225,7 +244,9 @@ class EMA:
         _install_registration_hooks()
         self._generation = _generation
         self._selected: list[Selected] = select(model, include=include, exclude=exclude, buffers=buffers)
+        _refuse_sharded(self._selected)
         self._buffer_slots = self._find_buffer_slots()
+        self._param_probes = self._find_param_probes()
         self._groups: list[Group] = build_groups(
             self._selected, num_averages=len(self.schedules), dtype=dtype, device=self.device
         )
@@ -882,10 +903,32 @@ class EMA:
                     slots.append((module._buffers, name, buf))
         return slots
 
+    def _find_param_probes(self) -> list[tuple[dict[str, Any], str, Tensor]]:
+        """(owning module's ``_parameters`` dict, name, tensor) of up to three averaged parameters (first,
+        middle, last). Wrappers that shard or flatten a model after the EMA was built (FSDP2's
+        ``fully_shard``, FSDP, DeepSpeed ZeRO-3) swap every parameter by writing that dict directly,
+        which fires no registration hook; the EMA would then average the old, frozen tensors. Three
+        dictionary lookups per update catch such a wholesale swap; a single parameter replaced that way
+        (not through ``setattr``/``register_parameter``) can go unseen."""
+        wanted = {id(s.tensor) for s in self._selected if not s.is_buffer and s.mode == "average"}
+        slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        for module in self.model.modules():
+            for name, param in module._parameters.items():
+                if param is not None and id(param) in wanted:
+                    slots.append((module._parameters, name, param))
+        if len(slots) <= 3:
+            return slots
+        return [slots[0], slots[len(slots) // 2], slots[-1]]
+
     def _check_model_unchanged(self) -> None:
-        if self._generation != _generation or any(d.get(n) is not t for d, n, t in self._buffer_slots):
+        if (
+            self._generation != _generation
+            or any(d.get(n) is not t for d, n, t in self._buffer_slots)
+            or any(d.get(n) is not t for d, n, t in self._param_probes)
+        ):
             self._verify_model(strict_identity=True)
             self._buffer_slots = self._find_buffer_slots()
+            self._param_probes = self._find_param_probes()
             self._generation = _generation
 
     def _verify_model(self, *, strict_identity: bool) -> None:
@@ -913,7 +956,8 @@ class EMA:
                 if not old.is_buffer and strict_identity and old.mode == "average":
                     raise ValueError(
                         f"the model changed after the EMA was built: parameter {key!r} was replaced by a new "
-                        "tensor; build the EMA after the model is final, or copy new weights in place "
+                        "tensor (wrapping the model in FSDP2's fully_shard, FSDP or DeepSpeed ZeRO-3 does this); "
+                        "build the EMA after the model is final, or copy new weights in place "
                         "(param.copy_(...)) instead of re-assigning"
                     )
                 rebound[key] = new

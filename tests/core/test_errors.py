@@ -181,3 +181,16 @@ def test_buffers_replaced_by_model_to_are_followed():
     with ema.apply():
         model[1].running_mean.fill_(-1.0)
     assert torch.equal(model[1].running_mean, live)
+
+
+def test_parameters_swapped_behind_the_registration_hooks_are_caught():
+    """Sharding wrappers (FSDP2's fully_shard, FSDP, DeepSpeed ZeRO-3) write module._parameters directly:
+    no hook fires, and without a check the EMA would average the old tensors, which no longer train."""
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(4)])
+    ema = EMA(model, decay=0.9)
+    ema.update()
+    for module in model:
+        for name, param in list(module._parameters.items()):
+            module._parameters[name] = nn.Parameter(param.detach().clone())
+    with pytest.raises(ValueError, match=r"was replaced by a new tensor \(wrapping the model in FSDP2"):
+        ema.update()

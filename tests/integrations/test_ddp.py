@@ -77,3 +77,42 @@ def test_each_ddp_rank_averages_like_one_process_on_the_whole_batch(tmp_path: Pa
     assert plain.step == STEPS
     for key, value in plain.averaged_state_dict().items():
         assert torch.equal(value, averages[0][key]), key
+
+
+def _fsdp2_worker(rank: int, store: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    errors: list[str] = []
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        sharded = fully_shard(_model(), mesh=mesh)
+        try:  # after fully_shard: the parameters are DTensors
+            polyak.EMA(sharded, decay=0.8)
+        except ValueError as exc:
+            errors.append(str(exc))
+        model = _model()
+        ema = polyak.EMA(model, decay=0.8)
+        fully_shard(model, mesh=mesh)  # swaps every parameter behind the registration hooks
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        nn.functional.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 3)).backward()
+        opt.step()
+        try:
+            ema.update()
+        except ValueError as exc:
+            errors.append(str(exc))
+        if rank == 0:
+            Path(out, "errors.txt").write_text("\n".join(errors))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_sharded_parameters_are_refused_and_a_later_fully_shard_is_caught(tmp_path: Path) -> None:
+    mp.spawn(_fsdp2_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    errors = (tmp_path / "errors.txt").read_text().splitlines()
+    assert len(errors) == 2
+    assert "are DTensors (sharded by FSDP2's fully_shard" in errors[0]
+    assert "parameter '0.weight' was replaced by a new tensor" in errors[1]  # not averaging frozen copies
