@@ -859,7 +859,7 @@ class EMA:
                         f"dtype mismatch for {key!r}: state has {value.dtype}, this EMA keeps {dst.dtype}; "
                         f"build the EMA with dtype={value.dtype}"
                     )
-                if not bool(torch.isfinite(value).all()):
+                if not _kernels.finite_on_host([value]):
                     raise ValueError(f"EMA state holds NaN/inf in {key!r}; refusing to load a corrupt average")
                 plan.append((dst, value))
         _kernels.copy_([d for d, _ in plan], [v for _, v in plan])

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from polyak._kernels import finite_on_host
 from polyak.io import _tree, _writers
 from polyak.io._atomic import check_writable_destination
 
@@ -350,14 +351,8 @@ def check_model_state(model: nn.Module, state: Mapping[str, Any], *, what: str) 
                 f"{what}: dtype mismatch for {key!r}: file has {src.dtype}, model has {dst.dtype}; "
                 f"convert the model first (model.to({src.dtype}))"
             )
-        if (src.is_floating_point() or src.is_complex()) and not _all_finite(src):
+        if not finite_on_host([src]):
             raise ValueError(f"{what}: {key!r} holds NaN/inf; refusing to load corrupt weights")
-
-
-def _all_finite(t: Tensor) -> bool:
-    """One reduction (no temporary bool tensor); a non-finite sum is re-checked element-wise, since
-    finite values can also sum past the float range."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], *, what: str) -> None:
