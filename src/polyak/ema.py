@@ -895,13 +895,7 @@ class EMA:
         """(owning module's ``_buffers`` dict, name, tensor) of every selected buffer. ``module.to()``,
         ``.double()`` and friends replace buffers by writing that dict directly, which fires no
         registration hook: comparing the slots catches it (a few microseconds per update)."""
-        wanted = {id(s.tensor) for s in self._selected if s.is_buffer}
-        slots: list[tuple[dict[str, Any], str, Tensor]] = []
-        for module in self.model.modules():
-            for name, buf in module._buffers.items():
-                if buf is not None and id(buf) in wanted:
-                    slots.append((module._buffers, name, buf))
-        return slots
+        return self._slots("_buffers", {id(s.tensor) for s in self._selected if s.is_buffer})
 
     def _find_param_probes(self) -> list[tuple[dict[str, Any], str, Tensor]]:
         """(owning module's ``_parameters`` dict, name, tensor) of up to three averaged parameters (first,
@@ -911,14 +905,16 @@ class EMA:
         dictionary lookups per update catch such a wholesale swap; a single parameter replaced that way
         (not through ``setattr``/``register_parameter``) can go unseen."""
         wanted = {id(s.tensor) for s in self._selected if not s.is_buffer and s.mode == "average"}
+        slots = self._slots("_parameters", wanted)
+        return slots if len(slots) <= 3 else [slots[0], slots[len(slots) // 2], slots[-1]]
+
+    def _slots(self, registry: str, wanted: set[int]) -> list[tuple[dict[str, Any], str, Tensor]]:
+        """(module's ``registry`` dict, name, tensor) of every tensor in ``wanted`` (ids), model order."""
         slots: list[tuple[dict[str, Any], str, Tensor]] = []
         for module in self.model.modules():
-            for name, param in module._parameters.items():
-                if param is not None and id(param) in wanted:
-                    slots.append((module._parameters, name, param))
-        if len(slots) <= 3:
-            return slots
-        return [slots[0], slots[len(slots) // 2], slots[-1]]
+            table: dict[str, Any] = getattr(module, registry)
+            slots.extend((table, name, t) for name, t in table.items() if t is not None and id(t) in wanted)
+        return slots
 
     def _check_model_unchanged(self) -> None:
         if (

@@ -24,6 +24,17 @@ def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def same_tensor_key(tensor: Tensor) -> tuple[Any, ...]:
+    """Equal for two names of one stored tensor: same storage, offset, shape, strides and dtype."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        int(tensor.storage_offset()),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
 def flatten(tree: Any, prefix: str, *, share: bool = True) -> tuple[Any, dict[str, Tensor]]:
     """Return ``(skeleton, tensors)``; tensor names are dotted paths under ``prefix``.
 
@@ -32,7 +43,7 @@ def flatten(tree: Any, prefix: str, *, share: bool = True) -> tuple[Any, dict[st
     (for plain ``{key: tensor}`` files, which need every key).
     """
     tensors: dict[str, Tensor] = {}
-    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
 
     def name_for(path: str) -> str:
         name, n = path, 1
@@ -47,12 +58,12 @@ def flatten(tree: Any, prefix: str, *, share: bool = True) -> tuple[Any, dict[st
             if t.device.type != "cpu":
                 t = t.cpu()
             t = t.contiguous()
-            ident = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype)
+            ident = same_tensor_key(t)
             if t.numel() and ident in seen:
                 if share:
                     return {_TENSOR: seen[ident]}
                 t = t.clone()
-                ident = (t.untyped_storage().data_ptr(), 0, tuple(t.shape), t.dtype)
+                ident = same_tensor_key(t)
             if t.numel():
                 seen[ident] = name_for(path)
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():

@@ -51,6 +51,7 @@ def _fmt_bytes(n: int) -> str:
 def averaged_from_checkpoint(ckpt: Any, index: int) -> tuple[dict[str, Tensor], int | None, dict[str, Tensor] | None]:
     """(averaged weights keyed like the model, step, raw model weights or None) from any checkpoint."""
     from polyak._select import normalize_key
+    from polyak.io import _tree
     from polyak.io.peers import averaged_weights, raw_model_state
 
     if ckpt.kind != "polyak":
@@ -75,31 +76,18 @@ def averaged_from_checkpoint(ckpt: Any, index: int) -> tuple[dict[str, Tensor], 
     # raw model state are the same tensor, so they take that shadow too (else loading the file would
     # write the live value over the average through the second key).
     tied = {
-        _identity(value): shadow[normalize_key(str(key))]
+        _tree.same_tensor_key(value): shadow[normalize_key(str(key))]
         for key, value in raw.items()
         if isinstance(value, Tensor) and value.numel() > 0 and normalize_key(str(key)) in shadow
     }
     out: dict[str, Tensor] = {}
     for key, value in raw.items():
         norm = normalize_key(str(key))
-        if norm in shadow:
-            out[str(key)] = shadow[norm].to(value.dtype)
-        elif isinstance(value, Tensor) and value.numel() > 0 and _identity(value) in tied:
-            out[str(key)] = tied[_identity(value)].to(value.dtype)
-        else:
-            out[str(key)] = value
+        average = shadow.get(norm)
+        if average is None and isinstance(value, Tensor) and value.numel() > 0:
+            average = tied.get(_tree.same_tensor_key(value))
+        out[str(key)] = value if average is None else average.to(value.dtype)
     return out, int(ema.get("step", 0)), dict(raw)
-
-
-def _identity(tensor: Tensor) -> tuple[Any, ...]:
-    """Equal for two names of one stored tensor (same storage, offset, shape, strides and dtype)."""
-    return (
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-    )
 
 
 def _inspect(args: argparse.Namespace) -> int:
