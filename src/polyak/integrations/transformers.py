@@ -139,7 +139,7 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         ]
 
     def _unhook(self) -> None:
-        for handle in getattr(self, "_handles", []):
+        for handle in self._handles:
             handle.remove()
         self._handles = []
 

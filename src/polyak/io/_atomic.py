@@ -38,7 +38,7 @@ def _write_chunk(handle: BinaryIO, chunk: memoryview) -> None:
 
 def write_chunked(handle: BinaryIO, data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` in ``CHUNK_BYTES`` pieces (bounded syscall size; the tests inject failures here)."""
-    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+    view = memoryview(data).cast("B")
     for start in range(0, len(view), CHUNK_BYTES):
         _write_chunk(handle, view[start : start + CHUNK_BYTES])
 
@@ -61,7 +61,7 @@ class ChunkedWriter:
             if self.error is None:
                 self.error = exc
             raise
-        return len(memoryview(data).cast("B")) if isinstance(data, memoryview) else len(data)
+        return memoryview(data).nbytes
 
     def flush(self) -> None:
         self._handle.flush()
