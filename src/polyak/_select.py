@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin
 
 BufferPolicy = Literal["average", "copy", "skip"]
 BUFFER_POLICIES: tuple[str, ...] = ("average", "copy", "skip")
@@ -91,6 +92,24 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def refuse_unsupported(key: str, tensor: torch.Tensor, is_buffer: bool) -> None:
+    """A clear error for a tensor that holds no data to average or copy: an uninitialised lazy
+    parameter (``nn.LazyLinear`` before its first forward) or a meta tensor (``torch.device("meta")``,
+    ``init_empty_weights``). Sparse tensors are refused where they would be averaged (``select``)."""
+    what = "buffer" if is_buffer else "parameter"
+    if isinstance(tensor, UninitializedTensorMixin):
+        raise ValueError(
+            f"{what} {key!r} is an uninitialised lazy {what} (e.g. nn.LazyLinear before its first forward "
+            "pass), so it has no shape yet; run one forward pass with a sample batch before building the EMA"
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"{what} {key!r} is on the meta device (it has a shape but no data, e.g. built under "
+            "torch.device('meta') or init_empty_weights); materialise the model first (model.to_empty("
+            "device=...) and load or initialise the weights), then build the EMA"
+        )
+
+
 def select(
     model: nn.Module,
     *,
@@ -113,6 +132,8 @@ def select(
     for model_key, tensor, is_buffer in raw:
         slot = entries.setdefault(id(tensor), ([], tensor, is_buffer))
         slot[0].append(model_key)
+    for model_keys, tensor, is_buffer in entries.values():
+        refuse_unsupported(model_keys[0], tensor, is_buffer)
 
     selected: list[Selected] = []
     seen: dict[str, str] = {}
@@ -143,6 +164,12 @@ def select(
                 used_exc.update(hits)
                 if hits:
                     mode = "live"
+        if mode == "average" and tensor.layout != torch.strided:
+            raise ValueError(
+                f"{'buffer' if is_buffer else 'parameter'} {model_keys[0]!r} is a sparse tensor ({tensor.layout}); "
+                f"polyak averages dense tensors: leave it out with exclude={key!r} (the averaged model then "
+                "uses its live value) or make it dense"
+            )
         selected.append(Selected(key, tuple(model_keys), tensor, is_buffer, mode, tuple(tensor.shape)))
 
     for what, patterns, used in (("include", inc, used_inc), ("exclude", exc, used_exc)):
