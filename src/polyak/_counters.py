@@ -93,7 +93,11 @@ def advance(c: Counters, d: Decision | TensorDecision, ok: bool | Tensor) -> Cou
         step=step,
         products=_where(accepted, _times(c.products, factor), c.products),
         last_decays=_where(accepted, last, c.last_decays),
-        refused=c.refused + refused.to(torch.int64) if isinstance(refused, Tensor) else c.refused + 1 if refused else c.refused,
+        refused=c.refused + refused.to(torch.int64)
+        if isinstance(refused, Tensor)
+        else c.refused + 1
+        if refused
+        else c.refused,
         last_refused=_where(refused, step, c.last_refused) if refused is not False else c.last_refused,
     )
 

@@ -160,12 +160,10 @@ def _saturating_product(schedule: TensorSchedule, lo: int, hi: int, saturation: 
             return 0.0
         log_sum += float(torch.log(betas).sum())
     tail = hi - max(lo, saturation) + 1
-    return math.exp(log_sum) * (limit ** tail if tail > 0 else 1.0)
+    return math.exp(log_sum) * (limit**tail if tail > 0 else 1.0)
 
 
-def decide(
-    schedules: Sequence[Callable[[int], float]], step: int, start_step: int, update_every: int
-) -> Decision:
+def decide(schedules: Sequence[Callable[[int], float]], step: int, start_step: int, update_every: int) -> Decision:
     """The float form: what the call numbered ``step`` does (module docstring for the rules)."""
     t = step - start_step
     if t <= 0:

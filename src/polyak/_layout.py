@@ -78,7 +78,9 @@ def build_groups(
         if gdev.type == "cpu" and any(m.tensor.device.type == "cuda" for m in members):
             flat = flat.pin_memory()
         sources = [m.tensor for m in members]
-        group = Group(gdev, gdtype, [m.key for m in members], sources, flat, reader=ForeachReader(sources, gdtype, gdev))
+        group = Group(
+            gdev, gdtype, [m.key for m in members], sources, flat, reader=ForeachReader(sources, gdtype, gdev)
+        )
         group.views = [_carve(flat[k], group.sources) for k in range(num_averages)]
         groups.append(group)
     return groups

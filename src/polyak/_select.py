@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn.parameter import UninitializedTensorMixin
+from torch.nn.parameter import is_lazy
 
 BufferPolicy = Literal["average", "copy", "skip"]
 BUFFER_POLICIES: tuple[str, ...] = ("average", "copy", "skip")
@@ -97,7 +97,7 @@ def refuse_unsupported(key: str, tensor: torch.Tensor, is_buffer: bool) -> None:
     parameter (``nn.LazyLinear`` before its first forward) or a meta tensor (``torch.device("meta")``,
     ``init_empty_weights``). Sparse tensors are refused where they would be averaged (``select``)."""
     what = "buffer" if is_buffer else "parameter"
-    if isinstance(tensor, UninitializedTensorMixin):
+    if is_lazy(tensor):
         raise ValueError(
             f"{what} {key!r} is an uninitialised lazy {what} (e.g. nn.LazyLinear before its first forward "
             "pass), so it has no shape yet; run one forward pass with a sample batch before building the EMA"

@@ -50,7 +50,8 @@ def test_deferred_check_refusing_the_first_update_matches_the_host_path(
     host = _poisoned_first_update(kwargs)
     _force_device_counters(monkeypatch)
     deferred = _poisoned_first_update(kwargs)
-    assert deferred._device is not None and host._device is None
+    assert deferred._device is not None
+    assert host._device is None
     assert deferred._products == host._products
     assert host._products == [1.0] * host.num_averages
     assert deferred.last_decays == host.last_decays == (0.0,) * host.num_averages
