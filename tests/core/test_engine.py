@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -65,20 +66,21 @@ def test_deferred_check_refusing_the_first_update_matches_the_host_path(
 
 
 @pytest.mark.parametrize(
-    "decay",
+    "make_decay",
     [
-        1.0,
-        schedules.constant(1.0),
-        schedules.ultralytics(1.0, tau=2.0),  # exactly 1.0 from t = 75 on
-        [0.5, 1.0],
-        lambda t: min(1.0, 0.9 + 0.05 * t),  # a teacher-momentum schedule that ends at 1.0 (DINO)
+        lambda: 1.0,
+        lambda: schedules.constant(1.0),
+        lambda: schedules.ultralytics(1.0, tau=2.0),  # exactly 1.0 from t = 75 on
+        lambda: [0.5, 1.0],
+        lambda: lambda t: min(1.0, 0.9 + 0.05 * t),  # a teacher-momentum schedule that ends at 1.0 (DINO)
     ],
+    ids=["float", "constant", "ultralytics", "list", "callable"],
 )
-def test_a_decay_of_one_is_accepted_and_freezes_the_average(decay: object) -> None:
+def test_a_decay_of_one_is_accepted_and_freezes_the_average(make_decay: Callable[[], object]) -> None:
     """Issue bug 5: beta in [0, 1]; beta = 1 leaves the average where it is."""
     model = Vec(2)
     model.set(1.0)
-    ema = EMA(model, decay=decay, start_step=1)  # type: ignore[arg-type]
+    ema = EMA(model, decay=make_decay(), start_step=1)  # type: ignore[arg-type]
     ema.update()  # copy: 1.0
     for t in range(1, 200):
         model.set(float(t))
