@@ -419,7 +419,8 @@ class EMA:
         try:
             sources = [self._source(group, compiling) for group in self._groups]
             ok = self._finite(sources)
-            if ok is False:  # refused on the host: no shadow is written
+            if isinstance(ok, list):  # refused on the host (the tensors named): no shadow is written
+                self._refuse(ok, self._counters.step + 1)  # "raise" raises here: the call is not counted
                 self._advance(decision, False)
                 return
             for group, src in zip(self._groups, sources):
@@ -454,9 +455,9 @@ class EMA:
             return torch.cat([s.detach().reshape(-1).to(group.dtype) for s in group.sources])
         return group.reader.read()
 
-    def _finite(self, sources: list[Tensor | None]) -> bool | Tensor:
-        """The finiteness verdict of this update: True (no check), a host bool (after applying the policy
-        to a refusal: "raise" raises here), or a 0-dim device flag that the host never reads here."""
+    def _finite(self, sources: list[Tensor | None]) -> bool | Tensor | list[str]:
+        """The finiteness verdict of this update: True (fine, or no check), a 0-dim device flag that the
+        host never reads here, or the keys of the non-finite tensors (checked on the host)."""
         if self.nonfinite == "ignore" or not self._groups:
             return True
         if self._device is not None:
@@ -469,8 +470,7 @@ class EMA:
         fine = [_kernels.finite_on_host(g.sources if src is None else [src]) for g, src in zip(self._groups, sources)]
         if all(fine):
             return True
-        bad = [g.keys[i] for g, f in zip(self._groups, fine) if not f for i in _kernels.nonfinite_indices(g.sources)]
-        return self._refuse(bad, self._counters.step + 1)
+        return [g.keys[i] for g, f in zip(self._groups, fine) if not f for i in _kernels.nonfinite_indices(g.sources)]
 
     def _copy_flag(self) -> None:
         """Device counters without capture: start copying the refusal count to the host, so the next
