@@ -113,6 +113,8 @@ class DeviceCounters:
     refused: Tensor
     last_refused: Tensor
     reported: int = 0
+    # (refused, last_refused) on their way to the host, and the CUDA event that marks their arrival
+    _in_flight: tuple[Tensor, Any] | None = None
 
     @classmethod
     def create(cls, device: torch.device, num_averages: int) -> DeviceCounters:
@@ -136,6 +138,29 @@ class DeviceCounters:
             value = getattr(new, name)
             if value is not target:
                 target.copy_(value)
+
+    def start_refusal_copy(self) -> None:
+        """Start copying (refused, last_refused) to pinned host memory without waiting for the device, so
+        a later ``landed_refusals`` can act on them for free (``EMA(capturable=False)`` on CUDA)."""
+        packed = torch.stack([self.refused, self.last_refused])
+        if packed.device.type != "cuda":
+            self._in_flight = (packed, None)
+            return
+        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event: Any = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        self._in_flight = (host, event)
+
+    def landed_refusals(self) -> tuple[int, int] | None:
+        """(refused, last_refused) from the latest copy if it has reached the host, else None."""
+        if self._in_flight is None:
+            return None
+        host, event = self._in_flight
+        if event is not None and not event.query():
+            return None
+        refused, last = host.tolist()
+        return int(refused), int(last)
 
     def read(self) -> Counters:
         """The counters on the host: one transfer, one sync."""
@@ -161,3 +186,4 @@ class DeviceCounters:
         self.refused.zero_()
         self.last_refused.zero_()
         self.reported = 0
+        self._in_flight = None

@@ -29,7 +29,16 @@ from torch import Tensor
 from polyak import schedules as sch
 from polyak.schedules import TensorSchedule
 
-__all__ = ["Decision", "TensorDecision", "checked_decay", "decay_product", "decide", "decide_tensor"]
+__all__ = [
+    "Decision",
+    "TensorDecision",
+    "check_tensor_forms",
+    "checked_decay",
+    "decay_product",
+    "decide",
+    "decide_tensor",
+    "tensor_schedules",
+]
 
 # Up to this many steps the product of per-step decays is multiplied step by step (the reference
 # arithmetic, bit for bit what the schedule gives); above it a closed form or a bounded computation.
@@ -217,3 +226,44 @@ def decide_tensor(
     stacked = torch.stack([product_tensor(s, t, update_every) for s in schedules])
     weights = torch.where(copy, 1.0, torch.where(averaging, 1.0 - stacked, 0.0))
     return TensorDecision(weights, stacked, copy, averaging)
+
+
+def tensor_schedules(schedules: Sequence[Callable[[int], float]], update_every: int) -> tuple[TensorSchedule, ...]:
+    """The schedules of ``EMA(capturable=True)``, typed: each needs a tensor form (``at_tensor``) and a
+    product over ``update_every`` steps that the device can compute (``tensor_product_supported``)."""
+    out: list[TensorSchedule] = []
+    for i, schedule in enumerate(schedules):
+        if not isinstance(schedule, TensorSchedule):
+            raise TypeError(
+                f"EMA(capturable=True) computes each decay on the device, but schedule {schedule!r} "
+                f"(decay index {i}) has no tensor form. Use a float or a schedule from polyak.schedules, "
+                "give your schedule an `at_tensor(t: Tensor) -> Tensor` method computing the same "
+                "formula with torch ops (see polyak.schedules.TensorSchedule), or pass capturable=False"
+            )
+        if not tensor_product_supported(schedule, update_every):
+            raise ValueError(
+                f"EMA(capturable=True, update_every={update_every}): schedule {schedule!r} (decay index "
+                f"{i}) has no closed-form product over {update_every} steps on the device; use "
+                f"update_every <= {LOOP_LIMIT}, a constant/half_life/uniform/power_function schedule, or "
+                "capturable=False"
+            )
+        out.append(schedule)
+    return tuple(out)
+
+
+def check_tensor_forms(schedules: Sequence[TensorSchedule], device: torch.device) -> None:
+    """Once, at construction: each tensor form returns a floating 0-dim tensor equal to ``schedule(t)``."""
+    for i, schedule in enumerate(schedules):
+        for t in (1, 2, 1000):
+            value = schedule.at_tensor(torch.full((), t, dtype=torch.int64, device=device))
+            if not isinstance(value, Tensor) or not value.is_floating_point() or value.shape != ():
+                raise TypeError(
+                    f"schedule {schedule!r} (decay index {i}): at_tensor(t) must return a floating tensor "
+                    f"shaped like t (here 0-dim), got {value!r}"
+                )
+            expected = checked_decay(schedule, t, i)
+            if abs(float(value) - expected) > 1e-6:
+                raise ValueError(
+                    f"schedule {schedule!r} (decay index {i}): at_tensor({t}) = {float(value)!r} but "
+                    f"schedule({t}) = {expected!r}; the tensor form must compute the same formula"
+                )

@@ -10,7 +10,6 @@ deep-copied: shadows are flat buffers keyed by the model's normalised parameter 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -24,18 +23,19 @@ from polyak._counters import Counters, DeviceCounters, advance
 from polyak._decide import (
     Decision,
     TensorDecision,
+    check_tensor_forms,
     checked_decay,
     decay_product,
     decide,
     decide_tensor,
-    tensor_product_supported,
+    tensor_schedules,
 )
 from polyak._layout import Group, build_groups
 from polyak._readers import flatten_sources, plan_reader
-from polyak._select import BufferPolicy, Pattern, Selected, normalize_key, select
+from polyak._select import BufferPolicy, Pattern, Selected, normalize_key, refuse_sharded, select
 from polyak._validate import as_bool, as_int
 from polyak._watch import ModelWatch
-from polyak.schedules import TensorSchedule, as_schedule
+from polyak.schedules import as_schedule
 
 __all__ = ["EMA", "NonFinitePolicy"]
 
@@ -49,24 +49,6 @@ STATE_VERSION = 1
 DecayLike = float | Callable[[int], float]
 
 
-def _refuse_sharded(selected: list[Selected]) -> None:
-    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) hold one shard per rank behind a
-    global shape: averaging them needs each rank to average its own shard, which is not built yet. Say
-    so, instead of failing later inside a foreach kernel with 'mixed torch.Tensor and DTensor'."""
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: nothing to import or check
-        return
-    from torch.distributed.tensor import DTensor
-
-    sharded = [s.key for s in selected if s.mode == "average" and isinstance(s.tensor, DTensor)]
-    if sharded:
-        raise ValueError(
-            f"{len(sharded)} tensor(s) of the model are DTensors (sharded by FSDP2's fully_shard or tensor "
-            f"parallelism), e.g. {sharded[:3]}; polyak cannot average sharded parameters yet. Use DDP "
-            "(supported: every rank averages the full model), or include=/exclude= to average only the "
-            "tensors that are not sharded"
-        )
-
-
 class EMA:
     """A moving average of a model's parameters (and float buffers), held as named shadow tensors.
 
@@ -76,12 +58,12 @@ class EMA:
 
     Args:
         model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied.
-        decay: a float in [0, 1) (constant decay), a schedule ``t -> beta_t`` from ``polyak.schedules``,
-            or a sequence of those to keep several averages at once (``index=`` selects one).
+        decay: a float in [0, 1] (constant decay; 1 freezes the average), a schedule ``t -> beta_t`` from
+            ``polyak.schedules``, or a sequence of those to keep several averages (``index=`` selects one).
         start_step: for the first ``start_step`` calls of ``update()`` the shadow copies the weights.
         update_every: average on every k-th call only, with the decays of the k steps multiplied
             (``beta**k`` for a constant beta), so the result does not depend on k when the weights are
-            constant between updates.
+            constant between updates; long products use the schedule's closed form.
         include, exclude: names, glob patterns (``"*.bias"``), module prefixes (``"backbone"``) or compiled
             regexes. Parameters left out are not shadowed: the averaged model uses their live values.
         buffers: ``"average"`` float buffers (e.g. BatchNorm statistics), ``"copy"`` their live values
@@ -94,60 +76,37 @@ class EMA:
         debias: zero-initialised shadow with bias correction ``shadow / (1 - prod(beta))`` (Adam-style);
             the average is exact from the first update, whatever the decay.
         nonfinite: what an update does when a weight holds NaN or inf: ``"raise"`` a ValueError naming
-            the tensors and leave the average untouched (default), ``"skip"`` that update (logged), or
-            ``"ignore"`` (no check; fastest; the NaN enters the average). The check reads every weight
-            once more: on CPU one sum per tensor (finite only if every element is; an overflowing sum is
-            re-checked exactly with ``aminmax``, so no false alarms), read before anything is written.
-            On CUDA the update never waits for the device: the flag stays on the device and masks the
-            update (a non-finite update leaves every average bit-for-bit unchanged), a copy of it
-            travels to pinned host memory, and the error (``"raise"``) or the skip count and log line
-            (``"skip"``) happen at the next point where the host looks: the next ``update()`` whose
-            flag copy has landed, or ``apply``/``copy_to``/``averaged_state_dict``/
-            ``state_dict``/``synchronize()``, which wait for it.
+            the tensors (default), ``"skip"`` that update (counted in ``skipped_updates``, logged), or
+            ``"ignore"`` (no check; fastest; the NaN enters the average). A refused update leaves every
+            average and the debias products bit-for-bit unchanged. On CPU the check (one sum per tensor,
+            re-checked exactly with ``aminmax`` if a sum overflows) runs before anything is written. On
+            CUDA the update never waits for the device: the flag masks the update on the device, the
+            counters live there, and the error or the skip count happen at the next point where the host
+            looks: the next ``update()`` whose copy of the count has landed, or ``apply``/``copy_to``/
+            ``averaged_state_dict``/``state_dict``/``synchronize()``, which wait for it.
         flatten: opt-in speed-up for models with many small tensors: make the model's averaged tensors
             views into one contiguous buffer per (device, dtype), laid out like the shadows, so an update
             is one flat ``lerp_`` per average with no gather (as FSDP/DeepSpeed flat parameters do).
             Parameters keep their identity (``p.data`` is re-pointed), so an optimizer built before or
             after keeps working; build the EMA before ``torch.compile``, DDP/FSDP wrapping, or anything
-            that records parameter addresses (CUDA graphs). If a parameter is later re-assigned (e.g.
-            ``model.half()``, ``p.data = ...``), the next update notices, logs a warning and falls back
-            to the default path. The check costs one read of the flat buffer's storage use count per
-            update; only when that count changes are the tensors' ``data_ptr`` compared. A re-assignment
-            made while a new view of a parameter is created and kept alive across the same ``update()``
-            leaves the count unchanged and is not seen (see ``_storage.sources_moved``).
-        capturable: opt-in (the name follows ``torch.optim``'s ``capturable=True``): the step counter, the
-            debias products and the count of refused updates live as tensors on the shadow device, and
-            ``update()`` runs the same tensor ops on every call, with no host read and no Python branch on
-            the step, so a CUDA graph can capture it (``torch.cuda.graph``, or ``torch.compile(...,
-            mode="reduce-overhead")`` around the training step) and ``torch.compile(fullgraph=True)``
-            traces it once, without recompiling as the step advances. Each decay is computed on the device
-            from the step by the schedule's tensor form (``at_tensor``: every built-in schedule has one; a
-            plain callable raises a TypeError) in float64; a copy (``start_step``) is lerp weight 1 and an
-            off-step of ``update_every`` weight 0, chosen by ``torch.where``; the weight is cast to the
-            shadow's compute dtype as the default path casts its Python float. The shadows equal the
-            default path's bit for bit on CPU (tested), except that ``ultralytics`` uses ``torch.exp``,
-            which can differ from ``math.exp`` in the last bit of float64 (``polyak.schedules``), and a -0.0
-            in a shadow may become +0.0 (lerp arithmetic: -0.0 + 0.0 is +0.0). The finiteness check masks the
-            update on the device (a refused update leaves every average and the debias products
-            unchanged, and is counted there); the host looks only in ``synchronize()``, ``apply``,
-            ``copy_to``, ``averaged_state_dict`` and ``state_dict``, where ``"raise"`` raises and
-            ``"skip"`` adds to ``skipped_updates``. Reading ``ema.step``, ``ema.last_decays`` or
-            ``repr(ema)`` waits for the device (a sync). Costs: 35 to 100 tiny ops per update (58 for one
-            average with the check, 101 for three with ``update_every=2``), free inside a CUDA graph or
-            fused by inductor but launch-bound when run eagerly; off-steps do the full work with weight 0;
-            no cache-blocking for K > 1. Not supported: shadows on another device than the weights
-            (``device="cpu"`` offload: ValueError). After capturing or compiling, do not re-assign
-            parameters (``p.data = ...``, ``model.to()``): a captured graph keeps reading the old memory.
-            Under ``nonfinite="ignore"`` an inf weight on an off-step still reaches the average
-            (``lerp(s, inf, 0)`` is NaN), unlike the default path.
+            that records parameter addresses (CUDA graphs). If a parameter is later re-assigned
+            (``model.half()``, ``p.data = ...``) the next update notices (one read of the buffer's storage
+            use count per update), logs a warning and falls back to the default path.
+        capturable: opt-in (named after ``torch.optim``'s ``capturable=True``): the counters live as
+            tensors on the shadow device and ``update()`` runs the same tensor ops on every call, with no
+            host read and no Python branch on the step, so a CUDA graph can capture it and
+            ``torch.compile(fullgraph=True)`` traces it once. Each decay comes from the schedule's tensor
+            form (``at_tensor``; a plain callable raises a TypeError); a copy is lerp weight 1 and an
+            off-step weight 0. The shadows equal the default path's bit for bit on CPU (tested), except
+            that ``ultralytics`` uses ``torch.exp`` (may differ from ``math.exp`` in the last bit), a -0.0
+            may become +0.0, and under ``nonfinite="ignore"`` an inf weight on a copy or off-step becomes
+            NaN. Refusals are reported in ``synchronize()``, ``apply``, ``copy_to``,
+            ``averaged_state_dict`` and ``state_dict``; reading ``step``/``last_decays`` waits for the
+            device. Costs 35 to 100 tiny ops per update (free inside a CUDA graph, launch-bound eagerly).
+            Not supported: shadows on another device than the weights (``device="cpu"``: ValueError).
+            After capturing, do not re-assign parameters: a captured graph keeps reading the old memory.
 
-    Layout and speed: shadows live in one ``(K, N)`` buffer per (device, dtype). Groups of many small
-    tensors are gathered with one ``torch.cat`` per update (when K > 1 or the NaN check reads the flat
-    source too) and updated by flat ``lerp_`` calls; groups of
-    large tensors use ``_foreach_lerp_`` (K = 1) or a cache-blocked per-tensor loop (K > 1) that reads each
-    weight from memory about once for all K averages. A gathered group keeps one scratch buffer of N
-    elements (one more shadow's worth of memory for that group). Every path runs the reference arithmetic
-    ``shadow.lerp_(weight.to(shadow.dtype), 1 - beta)`` and gives the same bits.
+    How one update runs (readers, kernels, counters) is described in ``docs/architecture.md``.
     """
 
     def __init__(
@@ -190,23 +149,7 @@ class EMA:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.flatten = as_bool(flatten, "flatten")
         self.capturable = as_bool(capturable, "capturable")
-        tensor_schedules: list[TensorSchedule] = []
-        for i, schedule in enumerate(self.schedules if capturable else ()):
-            if not isinstance(schedule, TensorSchedule):
-                raise TypeError(
-                    f"EMA(capturable=True) computes each decay on the device, but schedule {schedule!r} "
-                    f"(decay index {i}) has no tensor form. Use a float or a schedule from polyak.schedules, "
-                    "give your schedule an `at_tensor(t: Tensor) -> Tensor` method computing the same "
-                    "formula with torch ops (see polyak.schedules.TensorSchedule), or pass capturable=False"
-                )
-            if not tensor_product_supported(schedule, self.update_every):
-                raise ValueError(
-                    f"EMA(capturable=True, update_every={self.update_every}): schedule {schedule!r} (decay index "
-                    f"{i}) has no closed-form product over {self.update_every} steps on the device; use "
-                    "update_every <= 64, a constant/half_life/uniform/power_function schedule, or capturable=False"
-                )
-            tensor_schedules.append(schedule)
-        self._tensor_schedules = tuple(tensor_schedules)  # the schedules again, typed, when capturable
+        self._tensor_schedules = tensor_schedules(self.schedules, self.update_every) if capturable else ()
 
         self.model = model
         self.buffers: BufferPolicy = buffers
@@ -219,7 +162,7 @@ class EMA:
         self._applied = False
         self._hooks: list[Any] = []
         self._selected: list[Selected] = select(model, include=include, exclude=exclude, buffers=buffers)
-        _refuse_sharded(self._selected)
+        refuse_sharded(self._selected)
         self._watch = ModelWatch(model, self._selected)
         self._groups: list[Group] = build_groups(
             self._selected, num_averages=len(self.schedules), dtype=dtype, device=self.device
@@ -228,7 +171,6 @@ class EMA:
         # NaN check) the device holds the truth and the host copy is refreshed by _poll.
         self._counters = Counters.fresh(self.num_averages)
         self._device: DeviceCounters | None = None
-        self._flag_copy: tuple[Tensor, Any] | None = None  # device mode: (refusals copied to the host, event)
         if capturable:
             self._check_capturable_layout()
         with torch.no_grad():
@@ -289,20 +231,7 @@ class EMA:
                     "for an offloaded average"
                 )
         device = self._groups[0].device if self._groups else (self.device or torch.device("cpu"))
-        for i, schedule in enumerate(self._tensor_schedules):
-            for t in (1, 2, 1000):  # once: the tensor form is a floating 0-dim tensor equal to schedule(t)
-                value = schedule.at_tensor(torch.full((), t, dtype=torch.int64, device=device))
-                if not isinstance(value, Tensor) or not value.is_floating_point() or value.shape != ():
-                    raise TypeError(
-                        f"schedule {schedule!r} (decay index {i}): at_tensor(t) must return a floating tensor "
-                        f"shaped like t (here 0-dim), got {value!r}"
-                    )
-                expected = checked_decay(schedule, t, i)
-                if abs(float(value) - expected) > 1e-6:
-                    raise ValueError(
-                        f"schedule {schedule!r} (decay index {i}): at_tensor({t}) = {float(value)!r} but "
-                        f"schedule({t}) = {expected!r}; the tensor form must compute the same formula"
-                    )
+        check_tensor_forms(self._tensor_schedules, device)
 
     # --- the counters ----------------------------------------------------------------------------------
     def _host_counters(self) -> Counters:
@@ -443,7 +372,7 @@ class EMA:
             if not self.capturable:
                 self._counters = replace(self._counters, step=self._counters.step + 1)
                 if isinstance(ok, Tensor):
-                    self._copy_flag()
+                    self._device.start_refusal_copy()
             return
         self._counters = advance(self._counters, decision, ok)
 
@@ -471,20 +400,6 @@ class EMA:
         if all(fine):
             return True
         return [g.keys[i] for g, f in zip(self._groups, fine) if not f for i in _kernels.nonfinite_indices(g.sources)]
-
-    def _copy_flag(self) -> None:
-        """Device counters without capture: start copying the refusal count to the host, so the next
-        update can act on it without waiting for the device."""
-        assert self._device is not None
-        packed = torch.stack([self._device.refused, self._device.last_refused])
-        if packed.device.type == "cuda":
-            host = torch.empty(2, dtype=torch.int64, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            event: Any = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
-            self._flag_copy = (host, event)
-        else:
-            self._flag_copy = (packed, None)
 
     def _refuse(self, bad: list[str] | None, step: int, count: int = 1) -> bool:
         """Apply the policy to a non-finite update: count and log it ("skip") or raise ("raise").
@@ -519,9 +434,10 @@ class EMA:
             self._counters = c
             refused, last = int(c.refused), int(c.last_refused)
         else:
-            if self._flag_copy is None or (self._flag_copy[1] is not None and not self._flag_copy[1].query()):
+            landed = state.landed_refusals()
+            if landed is None:
                 return
-            refused, last = (int(v) for v in self._flag_copy[0].tolist())
+            refused, last = landed
         if refused > state.reported:
             count = refused - state.reported
             state.reported = refused

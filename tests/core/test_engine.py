@@ -232,3 +232,24 @@ def test_construction_inside_inference_mode_is_refused_with_a_fix() -> None:
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"outside the inference_mode\(\) block"):
         EMA(model)
     EMA(model).update()
+
+
+def test_flat_reader_without_storage_use_counts_falls_back_to_pointer_comparison(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The storage use count is a private torch API kept for speed; without it every update compares
+    the parameters' data pointers (public) and still notices a re-pointed parameter."""
+    monkeypatch.delattr(torch._C, "_storage_Use_Count", raising=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    ema = EMA(model, decay=0.5, flatten=True)
+    assert ema.update_plans[0][2] == "flat"
+    assert ema._groups[0].reader.refs is None  # type: ignore[attr-defined]
+    ema.update()
+    assert ema.update_plans[0][2] == "flat"
+    with torch.no_grad():
+        model[1].weight.data = torch.full_like(model[1].weight, 2.0)  # leaves the flat buffer
+    before = ema.averaged_state_dict()["1.weight"].clone()
+    ema.update()
+    assert ema.update_plans[0][2] != "flat"
+    assert torch.equal(ema.averaged_state_dict()["1.weight"], before.lerp(torch.full_like(before, 2.0), 0.5))
