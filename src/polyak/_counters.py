@@ -24,7 +24,7 @@ from torch import Tensor
 
 from polyak._decide import Decision, TensorDecision
 
-__all__ = ["Counters", "DeviceCounters", "advance", "compute_dtype"]
+__all__ = ["Counters", "DeviceCounters", "advance", "compute_dtype", "refusal_message"]
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -187,3 +187,15 @@ class DeviceCounters:
         self.last_refused.zero_()
         self.reported = 0
         self._in_flight = None
+
+
+def refusal_message(bad: list[str] | None, step: int, count: int) -> tuple[str, str]:
+    """(when, where) of ``count`` refused updates, the last at ``step``; ``bad`` names the tensors, or
+    is None when the check ran on the device (tensors not identified)."""
+    where = (
+        f"in {len(bad)} weight tensor(s): {bad[:10]}{' ...' if len(bad) > 10 else ''}"
+        if bad is not None
+        else "in the weights (checked on the device without naming the tensors)"
+    )
+    at = f"update step {step}" if count == 1 else f"{count} updates, the last at update step {step}"
+    return at, where

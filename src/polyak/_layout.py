@@ -17,7 +17,7 @@ from torch import Tensor
 from polyak._readers import ForeachReader, Reader
 from polyak._select import Selected
 
-__all__ = ["Group", "build_groups", "shadow_dtype"]
+__all__ = ["Group", "build_groups", "check_one_device", "shadow_dtype"]
 
 
 @dataclass
@@ -94,3 +94,17 @@ def _carve(row: Tensor, like: list[Tensor]) -> list[Tensor]:
         views.append(row[offset : offset + n].view(t.shape))
         offset += n
     return views
+
+
+def check_one_device(groups: list[Group], device: torch.device | None) -> None:
+    """``EMA(capturable=True)``: every shadow on its weights' device (a copy to another device every
+    update cannot be captured)."""
+    for group in groups:
+        moved = sorted({str(s.device) for s in group.sources if s.device != group.device})
+        if moved:
+            raise ValueError(
+                f"EMA(capturable=True) keeps the shadows on the weights' device, but shadows on {group.device} "
+                f"were asked for weights on {', '.join(moved)} (device={str(device)!r}); copying the weights "
+                "to another device every update cannot be captured. Leave device=None, or use capturable=False "
+                "for an offloaded average"
+            )

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from polyak import _kernels, _state
-from polyak._counters import Counters, DeviceCounters, advance
+from polyak._counters import Counters, DeviceCounters, advance, refusal_message
 from polyak._decide import (
     Decision,
     TensorDecision,
@@ -30,7 +30,7 @@ from polyak._decide import (
     decide_tensor,
     tensor_schedules,
 )
-from polyak._layout import Group, build_groups
+from polyak._layout import Group, build_groups, check_one_device
 from polyak._readers import flatten_sources, plan_reader
 from polyak._select import BufferPolicy, Pattern, Selected, refuse_sharded, select
 from polyak._validate import as_bool, as_int
@@ -172,7 +172,9 @@ class EMA:
         self._counters = Counters.fresh(self.num_averages)
         self._device: DeviceCounters | None = None
         if capturable:
-            self._check_capturable_layout()
+            check_one_device(self._groups, self.device)
+            device = self._groups[0].device if self._groups else (self.device or torch.device("cpu"))
+            check_tensor_forms(self._tensor_schedules, device)
         with torch.no_grad():
             for group in self._groups:
                 if debias:
@@ -219,19 +221,6 @@ class EMA:
         """How each shadow group is read: ``(device, dtype, plan, number of tensors)``, where plan is
         ``"foreach"``, ``"gather"``, ``"flat"`` or ``"offload"`` (see ``polyak._readers``)."""
         return [(str(g.device), str(g.dtype), g.plan, len(g.sources)) for g in self._groups]
-
-    def _check_capturable_layout(self) -> None:
-        for group in self._groups:
-            moved = sorted({str(s.device) for s in group.sources if s.device != group.device})
-            if moved:
-                raise ValueError(
-                    f"EMA(capturable=True) keeps the shadows on the weights' device, but shadows on {group.device} "
-                    f"were asked for weights on {', '.join(moved)} (device={str(self.device)!r}); copying the weights "
-                    "to another device every update cannot be captured. Leave device=None, or use capturable=False "
-                    "for an offloaded average"
-                )
-        device = self._groups[0].device if self._groups else (self.device or torch.device("cpu"))
-        check_tensor_forms(self._tensor_schedules, device)
 
     # --- the counters ----------------------------------------------------------------------------------
     def _host_counters(self) -> Counters:
@@ -402,23 +391,17 @@ class EMA:
         return [g.keys[i] for g, f in zip(self._groups, fine) if not f for i in _kernels.nonfinite_indices(g.sources)]
 
     def _refuse(self, bad: list[str] | None, step: int, count: int = 1) -> bool:
-        """Apply the policy to a non-finite update: count and log it ("skip") or raise ("raise").
-        ``bad`` names the tensors, or is None when the check ran on the device (tensors not identified);
-        ``count`` > 1 reports that many refused updates at once, ``step`` being the last of them."""
-        where = (
-            f"in {len(bad)} weight tensor(s): {bad[:10]}{' ...' if len(bad) > 10 else ''}"
-            if bad is not None
-            else "in the weights (checked on the device without naming the tensors)"
-        )
-        at = f"update step {step}" if count == 1 else f"{count} updates, the last at update step {step}"
+        """Apply the policy to ``count`` refused updates (the last at ``step``; ``bad`` names the tensors,
+        None when checked on the device): count and log them ("skip"), or raise ("raise")."""
+        at, where = refusal_message(bad, step, count)
         if self.nonfinite == "skip":
             self.skipped_updates += count
             log.warning("polyak: skipped EMA update at %s: NaN/inf %s", at, where)
             return False
         raise ValueError(
-            f"non-finite values (NaN or inf) {where} at {at}; the average was left unchanged. "
-            "Fix the divergence (lower the learning rate, clip gradients) or build the EMA with "
-            "nonfinite='skip' to skip such updates."
+            f"non-finite values (NaN or inf) {where} at {at}; the average was left unchanged. Fix the "
+            "divergence (lower the learning rate, clip gradients) or build the EMA with nonfinite='skip' "
+            "to skip such updates."
         )
 
     def _poll(self, *, block: bool) -> None:
