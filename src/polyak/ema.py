@@ -185,8 +185,9 @@ class EMA:
         for group in self._groups:
             self._plan(group)
         if capturable or (self.nonfinite != "ignore" and self._check_on_device()):
-            where = self._groups[0].device if self._groups else (self.device or torch.device("cpu"))
-            self._device = DeviceCounters.create(where, self.num_averages)
+            # on the device that computes the flag (a CUDA group if any): the host never reads it there
+            places = [g.device for g in self._groups if g.device.type == "cuda"] + [g.device for g in self._groups]
+            self._device = DeviceCounters.create(places[0] if places else torch.device("cpu"), self.num_averages)
         for group in self._groups if flatten else ():
             reader = flatten_sources(group.sources, group.dtype, group.device)
             if reader is None:
