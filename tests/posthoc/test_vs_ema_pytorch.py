@@ -15,7 +15,8 @@ pytestmark = pytest.mark.peers
 def _bench() -> ModuleType:
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "posthoc_accuracy.py"
     spec = importlib.util.spec_from_file_location("_posthoc_accuracy", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
