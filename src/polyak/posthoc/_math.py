@@ -18,7 +18,7 @@ per coordinate (Cauchy-Schwarz).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,17 +126,38 @@ class Solution:
     target_norm: float
 
 
+def _segments(items: Sequence[tuple[int, float]]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Walk the update index once, in segments ``(e_{s-1}, e_s]`` between the distinct ``n`` of ``items``
+    (split into chunks of at most ``_CHUNK``), yielding ``(scale, rows, block)``: ``rows[k]`` is
+    ``w_j(e_s, gamma_k)`` over the segment for each distinct gamma, ``block[i]`` the gamma index of item i
+    and ``scale[i] = (e_s / n_i)^(gamma_i + 1)`` (0 when item i ends before the segment), so that
+    ``w_j(n_i, gamma_i) = scale[i] * rows[block[i]][j]``: a profile restricted to ``j <= e`` is the profile
+    of length e, scaled. Every scale is <= 1 (nothing overflows), and each row is computed once per
+    distinct gamma instead of once per item."""
+    gammas = sorted({g for _, g in items})
+    block = torch.tensor([gammas.index(g) for _, g in items])
+    ns = torch.tensor([n for n, _ in items], dtype=torch.float64)
+    gs = torch.tensor([g + 1.0 for _, g in items], dtype=torch.float64)
+    prev = 0
+    for end in sorted({n for n, _ in items}):
+        scale = torch.where(ns >= end, torch.exp(gs * (math.log(end) - torch.log(ns))), 0.0)
+        for start in range(prev + 1, end + 1, _CHUNK):
+            stop = min(start + _CHUNK, end + 1)
+            yield scale, _rows([(end, g) for g in gammas], start, stop), block
+        prev = end
+
+
 def solve(stored: Sequence[tuple[int, float]], target: tuple[int, float]) -> Solution:
     """Coefficients ``c`` minimising ``||sum_i c_i w(n_i, gamma_i) - w(n, gamma)||_2`` subject to
     ``sum_i c_i = 1`` (so a constant model stays constant), over the exact discrete profiles.
 
     The paper (EDM2, algorithm 3) solves the unconstrained normal equations of the continuous profiles;
-    here the Gram matrix ``G_ab = <w_a, w_b>`` and ``b_a = <w_a, w>`` are summed exactly in float64 (in
-    chunks of the update index), and the constrained problem is solved through its KKT system
+    here the Gram matrix ``G_ab = <w_a, w_b>`` and ``b_a = <w_a, w>`` are summed exactly in float64 (see
+    ``_segments``), and the constrained problem is solved through its KKT system
     ``[[G, 1], [1^T, 0]] [c; mu] = [b; 1]`` by SVD least squares (``gelsd``), which tolerates the nearly
     collinear profiles of neighbouring snapshots. A target equal to a stored profile returns that one
     (coefficient 1, error 0). The residual is summed directly, not from ``c^T G c - 2 c^T b + ||w||^2``,
-    which would cancel. Cost: ``O(M^2 N)`` for M stored profiles over N updates.
+    which would cancel. Cost: ``O(N K^2 + M^3)`` for M stored profiles of K distinct gammas over N updates.
 
     Args:
         stored: ``(n_i, gamma_i)``: update count and exponent of each stored average.
@@ -156,29 +177,24 @@ def solve(stored: Sequence[tuple[int, float]], target: tuple[int, float]) -> Sol
         if n == n_r and math.isclose(g, g_r, rel_tol=1e-12, abs_tol=0.0):
             one_hot = tuple(1.0 if k == i else 0.0 for k in range(m))
             return Solution(one_hot, 0.0, 1.0, float(profile(n_r, g_r).norm()))
-    gram = torch.zeros(m, m, dtype=torch.float64)
-    rhs = torch.zeros(m, dtype=torch.float64)
-    norm2 = 0.0
-    for start in range(1, n_r + 1, _CHUNK):
-        stop = min(start + _CHUNK, n_r + 1)
-        both = _rows([*pairs, (n_r, g_r)], start, stop)
-        rows, want = both[:m], both[m]
-        gram += rows @ rows.T
-        rhs += rows @ want
-        norm2 += float(want @ want)
-    scale = float(gram.diagonal().mean())  # puts the constraint row on the Gram matrix's scale
+    items = [*pairs, (n_r, g_r)]
+    full = torch.zeros(m + 1, m + 1, dtype=torch.float64)  # Gram matrix of stored + target profiles
+    for scale, rows, block in _segments(items):
+        full += (scale.unsqueeze(1) * scale.unsqueeze(0)) * (rows @ rows.T)[block][:, block]
+    gram, rhs, norm2 = full[:m, :m], full[:m, m], float(full[m, m])
+    unit = float(gram.diagonal().mean())  # puts the constraint row on the Gram matrix's scale
     kkt = torch.zeros(m + 1, m + 1, dtype=torch.float64)
     kkt[:m, :m] = gram
-    kkt[:m, m] = scale
-    kkt[m, :m] = scale
-    vec = torch.cat([rhs, torch.tensor([scale], dtype=torch.float64)])
+    kkt[:m, m] = unit
+    kkt[m, :m] = unit
+    vec = torch.cat([rhs, torch.tensor([unit], dtype=torch.float64)])
     sol = torch.linalg.lstsq(kkt, vec.unsqueeze(1), driver="gelsd").solution.squeeze(1)[:m]
     sol = sol / sol.sum()
+    signed = torch.cat([sol, torch.tensor([-1.0], dtype=torch.float64)])
     resid2 = 0.0
-    for start in range(1, n_r + 1, _CHUNK):
-        stop = min(start + _CHUNK, n_r + 1)
-        both = _rows([*pairs, (n_r, g_r)], start, stop)
-        diff = sol @ both[:m] - both[m]
+    for scale, rows, block in _segments(items):
+        per_gamma = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, block, signed * scale)
+        diff = per_gamma @ rows
         resid2 += float(diff @ diff)
     return Solution(
         coefficients=tuple(float(c) for c in sol),
