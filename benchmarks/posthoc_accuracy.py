@@ -116,7 +116,7 @@ def main() -> None:
     print(f"{'polyak: reported profile error':32s} " + " ".join(f"{reported[s]:14.2e}" for s in WIDTHS))
     print("weight on theta_1 (exact: (1/2000)^(gamma+1), below 1e-20 here)")
     for name, row in results.items():
-        print(f"{name:32s} " + " ".join(f"{row[s][1]:14.4f}" for s in WIDTHS))
+        print(f"{name:32s} " + " ".join(f"{row[s][1]:14.1e}" for s in WIDTHS))
 
 
 if __name__ == "__main__":
