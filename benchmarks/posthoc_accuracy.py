@@ -96,8 +96,7 @@ def compare(steps: int = STEPS, every: int = EVERY, size: int = SIZE) -> dict[st
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             got, spike = fn(thetas, Path(a)), fn(first, Path(b))
         out[name] = {
-            s: (float((got[s] - exact(thetas, s)).norm() / exact(thetas, s).norm()), float(spike[s][0]))
-            for s in WIDTHS
+            s: (float((got[s] - exact(thetas, s)).norm() / exact(thetas, s).norm()), float(spike[s][0])) for s in WIDTHS
         }
     return out
 

@@ -58,6 +58,8 @@ class PostHocEMA:
         dtype: dtype of the averages and snapshots (float32 by default).
         include, exclude, buffers: which tensors are averaged, as in ``polyak.EMA``.
         resume: continue the run stored in ``directory``: ``load_state_dict`` must come before ``update``.
+
+    With several processes (DDP), build it on one rank only: every rank would write the same files.
     """
 
     def __init__(
