@@ -89,7 +89,8 @@ def run_seed(cfg: PosthocConfig, seed: int, workdir: Path) -> dict[str, Any]:
         post = _evaluate(twin, data)
         exact.copy_to(twin, index=k)
         ex = _evaluate(twin, data)
-        reference = {key: exact.averaged_state_dict(k)[key] for key in synth}
+        averaged = exact.averaged_state_dict(k)
+        reference = {key: averaged[key] for key in synth}
         widths[f"{sigma:g}"] = {
             "profile_error": weights.error,
             "gain": weights.gain,
