@@ -208,3 +208,16 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict[str, object], er
     with pytest.raises(error, match=match):
         PostHocEMA(model(), **args)  # type: ignore[arg-type]
     assert not (tmp_path / "run").exists()  # validated before anything was written
+
+
+def test_a_manifest_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    from polyak.posthoc._snapshots import MANIFEST_NAME, read_manifest
+
+    _train(tmp_path / "run", random_walk(20), every=20)
+    extra = polyak.io.read(tmp_path / "run" / MANIFEST_NAME).extra
+    polyak.save(tmp_path / "run" / MANIFEST_NAME, extra={**extra, "version": 99})
+    with pytest.raises(ValueError, match="manifest version 99"):
+        read_manifest(tmp_path / "run")
+    polyak.save(tmp_path / "run" / MANIFEST_NAME, extra={**extra, "steps": "x"})
+    with pytest.raises(ValueError, match="corrupt post-hoc EMA manifest"):
+        read_manifest(tmp_path / "run")

@@ -67,8 +67,11 @@ class Manifest:
     def from_extra(cls, extra: Any, name: str) -> Manifest:
         if not isinstance(extra, Mapping) or extra.get("format") != FORMAT:
             raise ValueError(f"{name!r} is not a post-hoc EMA manifest (written by polyak.PostHocEMA)")
-        if int(extra.get("version", 0)) > VERSION:
-            raise ValueError(f"{name!r} was written by a newer polyak (manifest version {extra['version']}); upgrade")
+        version = extra.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise ValueError(
+                f"{name!r}: manifest version {version!r} is not one this polyak reads (<= {VERSION}); upgrade"
+            )
         try:
             return cls(
                 run_id=str(extra["run_id"]),
