@@ -122,3 +122,30 @@ def test_solve_refuses_bad_input() -> None:
         solve([(20, 1.0)], (10, 1.0))
     with pytest.raises(ValueError, match="gamma"):
         solve([(5, -1.0)], (10, 1.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=6, unique=True),
+    st.lists(st.floats(min_value=0.5, max_value=30.0), min_size=1, max_size=3, unique=True),
+    st.floats(min_value=0.0, max_value=40.0),
+    st.integers(min_value=0, max_value=20),
+)
+def test_solve_is_the_constrained_optimum(ns: list[int], gammas: list[float], target_gamma: float, extra: int) -> None:
+    """Any snapshot set: coefficients sum to 1, the error is the dense reference's, and no single stored
+    profile (a feasible one-hot choice) is closer to the target."""
+    stored = [(n, g) for n in sorted(ns) for g in gammas]
+    target = (max(ns) + extra, target_gamma)
+    sol = solve(stored, target)
+    assert sum(sol.coefficients) == pytest.approx(1.0, abs=1e-9)
+    n = target[0]
+    rows = np.stack([np.pad(profile(k, g).numpy(), (0, n - k)) for k, g in stored])
+    w = profile(*target).numpy()
+    err = np.linalg.norm(rows.T @ np.array(sol.coefficients) - w) / np.linalg.norm(w)
+    assert sol.error == pytest.approx(err, rel=1e-6, abs=1e-12)
+    best_single = min(np.linalg.norm(r - w) for r in rows) / np.linalg.norm(w)
+    assert sol.error <= best_single * (1 + 1e-9) + 1e-12
+    if len(stored) > 1:
+        ref = _dense_constrained(stored, target)
+        ref_err = np.linalg.norm(rows.T @ ref - w) / np.linalg.norm(w)
+        assert sol.error <= ref_err * (1 + 1e-6) + 1e-9
