@@ -129,8 +129,12 @@ def decay_product(schedule: Callable[[int], float], lo: int, hi: int, index: int
         # 1 - exp(-t/tau) rounds to 1.0 once exp(-t/tau) < 2**-54: beta is then exactly `decay`.
         return _saturating_product(schedule, lo, hi, math.ceil(schedule.tau * 54 * math.log(2)) + 1, schedule.decay)
     if isinstance(schedule, sch.inverse_gamma):
-        sat = schedule.inv_gamma * ((1.0 - schedule.max_decay) ** (-1.0 / schedule.power) - 1.0)
-        return _saturating_product(schedule, lo, hi, max(1, math.ceil(sat) + 1), schedule.max_decay)
+        try:  # beta_t reaches max_decay (then clamped, exactly) at t = inv_gamma ((1 - max)^(-1/power) - 1)
+            sat = schedule.inv_gamma * ((1.0 - schedule.max_decay) ** (-1.0 / schedule.power) - 1.0)
+            saturation = max(1, math.ceil(sat) + 1)
+        except (ZeroDivisionError, OverflowError):  # max_decay 1.0, or a step beyond any float
+            saturation = hi + 1
+        return _saturating_product(schedule, lo, hi, saturation, schedule.max_decay)
     value = 1.0
     for s in range(lo, hi + 1):
         value *= checked_decay(schedule, s, index)

@@ -253,3 +253,30 @@ def test_flat_reader_without_storage_use_counts_falls_back_to_pointer_comparison
     ema.update()
     assert ema.update_plans[0][2] != "flat"
     assert torch.equal(ema.averaged_state_dict()["1.weight"], before.lerp(torch.full_like(before, 2.0), 0.5))
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [schedules.inverse_gamma(max_decay=1.0), schedules.inverse_gamma(0.9999999, 1.0, 0.001)],
+    ids=["max_decay_1", "overflowing_saturation"],
+)
+def test_long_products_of_schedules_that_never_saturate(schedule: schedules.inverse_gamma) -> None:
+    assert decay_product(schedule, 3, 2000) == pytest.approx(_reference_product(schedule, 3, 2000), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "decay", [0.99, schedules.half_life(20.0), schedules.uniform(), schedules.power_function(3.0)], ids=repr
+)
+def test_capturable_closed_form_products_match_the_host_path(decay: object) -> None:
+    """update_every above the loop limit: the device computes the closed form, as the host does."""
+    k = 3 * LOOP_LIMIT
+    host_model, cap_model = Vec(3), Vec(3)
+    host = EMA(host_model, decay=decay, update_every=k)  # type: ignore[arg-type]
+    cap = EMA(cap_model, decay=decay, update_every=k, capturable=True)  # type: ignore[arg-type]
+    for n in range(1, 2 * k + 1):
+        for model in (host_model, cap_model):
+            model.set(float(n % 7))
+        host.update()
+        cap.update()
+    assert cap._products == pytest.approx(host._products, rel=1e-12, abs=0.0)
+    assert torch.allclose(cap.averaged_state_dict()["w"], host.averaged_state_dict()["w"], rtol=1e-6, atol=0.0)
