@@ -208,3 +208,33 @@ def refuse_sharded(selected: list[Selected]) -> None:
             "(supported: every rank averages the full model), or include=/exclude= to average only the "
             "tensors that are not sharded"
         )
+
+
+def copy_pairs(
+    ours: Sequence[Selected], targets: Sequence[Selected], averaged: dict[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(target tensor, value) for ``EMA.copy_to``: the average where there is one, else the live value;
+    ``buffers="skip"`` tensors are left alone. Raises a ValueError, before anything is written, when the
+    target's keys or shapes differ from the averaged model's."""
+    mine = {s.key: s for s in ours}
+    theirs = {s.key: s for s in targets}
+    skipped = {k for k, s in mine.items() if s.mode == "skip"}
+    missing = sorted(set(mine) - set(theirs) - skipped)
+    unexpected = sorted(set(theirs) - set(mine))
+    if missing or unexpected:
+        raise ValueError(
+            "copy_to: the target model does not match the averaged model: "
+            f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}; pass a model of the same "
+            "architecture"
+        )
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for key, dst in theirs.items():
+        if key in skipped:
+            continue
+        src = averaged[key] if key in averaged else mine[key].tensor
+        if dst.tensor.shape != src.shape:
+            raise ValueError(
+                f"copy_to: shape mismatch for {key!r}: averaged {tuple(src.shape)} vs target {tuple(dst.tensor.shape)}"
+            )
+        pairs.append((dst.tensor, src))
+    return pairs

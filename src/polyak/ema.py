@@ -32,7 +32,7 @@ from polyak._decide import (
 )
 from polyak._layout import Group, build_groups, check_one_device
 from polyak._readers import flatten_sources, plan_reader
-from polyak._select import BufferPolicy, Pattern, Selected, refuse_sharded, select
+from polyak._select import BufferPolicy, Pattern, Selected, copy_pairs, refuse_sharded, select
 from polyak._validate import as_bool, as_int
 from polyak._watch import ModelWatch
 from polyak.schedules import as_schedule
@@ -564,29 +564,8 @@ class EMA:
         index = self._check_index(index)
         self._poll(block=True)
         self._check_model_unchanged()
-        averaged = self._averaged_by_key(index)
-        ours = {s.key: s for s in self._selected}
-        target = {s.key: s for s in select(model, include=None, exclude=None, buffers="copy")}
-        skipped = {k for k, s in ours.items() if s.mode == "skip"}
-        missing = sorted(set(ours) - set(target) - skipped)
-        unexpected = sorted(set(target) - set(ours))
-        if missing or unexpected:
-            raise ValueError(
-                "copy_to: the target model does not match the averaged model: "
-                f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}; pass a model of the same "
-                "architecture"
-            )
-        pairs: list[tuple[Tensor, Tensor]] = []
-        for key, dst in target.items():
-            if key in skipped:
-                continue
-            src = averaged[key] if key in averaged else ours[key].tensor
-            if dst.tensor.shape != src.shape:
-                raise ValueError(
-                    f"copy_to: shape mismatch for {key!r}: averaged {tuple(src.shape)} vs target "
-                    f"{tuple(dst.tensor.shape)}"
-                )
-            pairs.append((dst.tensor, src))
+        targets = select(model, include=None, exclude=None, buffers="copy")
+        pairs = copy_pairs(self._selected, targets, self._averaged_by_key(index))
         _kernels.copy_([d for d, _ in pairs], [s for _, s in pairs])
 
     def state_dict(self) -> dict[str, Any]:
@@ -619,12 +598,8 @@ class EMA:
         plan = _state.plan_load(state, views, num_averages=self.num_averages, debias=self.debias)
         self._warn_on_config_change(state.config)
         _kernels.copy_([d for d, _ in plan], [v for _, v in plan])
-        self._step = state.step
         self.skipped_updates = state.skipped_updates
-        self._products = list(state.products)
-        self._last_decays = state.last_decays
-        if self._device is not None:
-            self._device.load(self._step, self._products, self._last_decays)
+        self._set_counters(step=state.step, products=tuple(state.products), last_decays=tuple(state.last_decays))
 
     def _warn_on_config_change(self, saved: Mapping[str, Any]) -> None:
         """Log (once per load) the settings that differ from the saved ones: the EMA keeps its own, as an
