@@ -242,10 +242,7 @@ def load(
                 raise ValueError(f"{name!r} holds no EMA state (it was saved without one); load it with ema=None")
             ema_state = ckpt.ema
         else:
-            names = peers.param_names(ema.model, ckpt.kind) if ckpt.kind in peers.LIST_FORMATS else None
-            ema_state = peers.to_polyak_state(
-                ckpt.raw, ckpt.kind, template=ema.state_dict(), live=ema.model.state_dict(), param_names=names
-            )
+            ema_state = peer_state_for(ema, ckpt.raw, ckpt.kind)
             ckpt.ema = dict(ema_state)
     model_state = None
     if model is not None:
@@ -268,6 +265,12 @@ def load(
     if model is not None and model_state is not None:
         _load_model(model, model_state)
     return ckpt
+
+
+def peer_state_for(ema: EMA, raw: Any, kind: str) -> dict[str, Any]:
+    """A polyak state for ``ema`` holding the averaged weights of the peer checkpoint object ``raw``."""
+    names = peers.param_names(ema.model, kind) if kind in peers.LIST_FORMATS else None
+    return peers.to_polyak_state(raw, kind, template=ema.state_dict(), live=ema.model.state_dict(), param_names=names)
 
 
 def _matching(model: nn.Module, state: Mapping[str, Any]) -> dict[str, str]:

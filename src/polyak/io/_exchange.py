@@ -15,15 +15,9 @@ from torch import Tensor, nn
 from polyak.ema import EMA
 from polyak.io import _tree, _writers, peers
 from polyak.io._atomic import check_writable_destination
-from polyak.io._checkpoint import file_format_for, read
+from polyak.io._checkpoint import file_format_for, peer_state_for, read
 
-__all__ = ["export", "from_peer", "peer_state_for", "save_plain"]
-
-
-def peer_state_for(ema: EMA, raw: Any, kind: str) -> dict[str, Any]:
-    """A polyak state for ``ema`` holding the averaged weights of the peer checkpoint ``raw``."""
-    names = peers.param_names(ema.model, kind) if kind in peers.LIST_FORMATS else None
-    return peers.to_polyak_state(raw, kind, template=ema.state_dict(), live=ema.model.state_dict(), param_names=names)
+__all__ = ["export", "from_peer", "save_plain", "write_state"]
 
 
 def from_peer(

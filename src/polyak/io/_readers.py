@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import pickle
 import re
 import sys
@@ -137,6 +138,35 @@ def _entries(header: dict[str, Any], name: str, data_len: int) -> list[tuple[str
     return entries
 
 
+def _map(handle: io.BufferedReader, size: int) -> memoryview | None:
+    """A private copy-on-write map of the open file: the tensors share the page cache (nothing is copied
+    until written; safetensors' own loader does the same) and keep the very file they came from even if
+    it is replaced meanwhile. None where the file system cannot map files."""
+    try:
+        return memoryview(mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY))
+    except (OSError, ValueError):
+        return None
+
+
+def _tensor_at(
+    view: memoryview | None, handle: io.BufferedReader, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]
+) -> Tensor | None:
+    """The tensor stored at ``offset`` (from the map, or read into a fresh tensor); None if the file ends."""
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if view is not None:
+        if offset + nbytes > len(view):
+            return None
+        tensor = torch.frombuffer(view, dtype=torch.uint8, count=nbytes, offset=offset)
+        if offset % dtype.itemsize:  # a file from another writer that did not align its tensors
+            tensor = tensor.clone()
+        return tensor.view(dtype).reshape(shape)
+    tensor = torch.empty(shape, dtype=dtype)
+    handle.seek(offset)
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return tensor if handle.readinto(buffer) == nbytes else None
+
+
 def read_safetensors(handle: io.BufferedReader, name: str, size: int) -> SafetensorsFile:
     """Parse, check and load a safetensors file from ``handle`` (at offset 0) of ``size`` bytes."""
     if sys.byteorder != "little":
@@ -181,16 +211,16 @@ def read_safetensors(handle: io.BufferedReader, name: str, size: int) -> Safeten
         digest.update(_CHECKSUM_FIELD.sub(b'"checksum":"' + checksum_placeholder().encode() + b'"', raw))
     elif "sha256" in meta:  # files written before the header was hashed: the data only
         expected = meta["sha256"]
+    start = 8 + header_len
+    view = _map(handle, size)
+    if expected is not None:
+        for part in range(start, size, _CHUNK):
+            digest.update(view[part : part + _CHUNK] if view is not None else handle.read(_CHUNK))
     tensors: dict[str, Tensor] = {}
     for key, dtype, shape, begin, end in entries:
-        tensor = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-            for start in range(0, end - begin, _CHUNK):
-                part = buffer[start : start + _CHUNK]
-                if handle.readinto(part) != len(part):
-                    raise _fail(name, "is truncated: it ended while its tensors were read")
-                digest.update(part)
+        tensor = _tensor_at(view, handle, start + begin, end - begin, dtype, shape)
+        if tensor is None:
+            raise _fail(name, "is truncated: it ended while its tensors were read")
         tensors[key] = tensor
     if expected is not None and digest.hexdigest() != expected:
         raise _fail(

@@ -123,10 +123,14 @@ def _one_line(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError):
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
             raise
+        except ValueError as exc:
+            if "\n" not in str(exc):
+                raise
+            raise ValueError(" ".join(str(exc).split())) from None
         except Exception as exc:
-            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+            raise ValueError(" ".join(f"{type(exc).__name__}: {exc}".split())) from None
 
     return run
 
