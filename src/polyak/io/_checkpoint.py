@@ -192,7 +192,7 @@ def _polyak_checkpoint(tree: Mapping[str, Any], metadata: dict[str, str] | None 
 
 
 def _check_version(version: object, name: str) -> int:
-    if isinstance(version, bool) or not isinstance(version, (int, str)) or not str(version).isdigit():
+    if isinstance(version, bool) or not isinstance(version, (int, str)) or not str(version).isdecimal():
         raise ValueError(f"{name!r}: unreadable checkpoint version {version!r}")
     number = int(version)
     if number > CHECKPOINT_VERSION:

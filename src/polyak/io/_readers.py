@@ -192,7 +192,7 @@ def read_safetensors(handle: io.BufferedReader, name: str, size: int) -> Safeten
         raise _fail(name, "is not a valid safetensors file: '__metadata__' must map strings to strings")
     data_len = size - 8 - header_len
     declared = meta.get("payload_bytes")
-    if declared is not None and (not declared.isdigit() or int(declared) > data_len):
+    if declared is not None and (not declared.isdecimal() or int(declared) > data_len):
         raise _fail(
             name,
             f"is truncated: {data_len} bytes of tensor data, the header declares {declared}; the write was "
