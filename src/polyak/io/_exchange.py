@@ -30,18 +30,23 @@ def from_peer(
 ) -> EMA:
     """Build a ``polyak.EMA`` on ``model`` from a peer checkpoint file (``ema_kwargs`` go to ``EMA``).
 
-    ``format="auto"`` detects it. Without ``decay=``, torch_ema and diffusers files give the schedule
-    they store (and diffusers its ``start_step``, see ``peers.schedule_of``); other peers do not store
-    theirs, and polyak's default (0.9999) applies. Ultralytics files need ``trust_pickle=True`` (UNSAFE:
+    ``format="auto"`` detects it. Unless given, ``decay`` and ``start_step`` come from what torch_ema
+    and diffusers files store (see ``peers.schedule_of``); other peers do not store theirs, and polyak's
+    defaults (0.9999, 0) apply. Ultralytics files need ``trust_pickle=True`` (UNSAFE:
     unpickling runs code from the file; only for files you made yourself).
     """
     ckpt = read(path, trust_pickle=trust_pickle)
     kind = ckpt.kind if format == "auto" else format
     if kind == "polyak":
         raise ValueError(f"{str(path)!r} is a polyak checkpoint; use polyak.load(path, ema)")
-    stored = peers.schedule_of(ckpt.raw, kind) if "decay" not in ema_kwargs else None
+    try:
+        stored = peers.schedule_of(ckpt.raw, kind)
+    except ValueError:
+        if "decay" not in ema_kwargs:
+            raise
+        stored = None  # the caller chose the decay; a stored rule polyak cannot follow does not matter
     if stored is not None:
-        ema_kwargs["decay"] = stored[0]
+        ema_kwargs.setdefault("decay", stored[0])
         ema_kwargs.setdefault("start_step", stored[1])
     ema = EMA(model, **ema_kwargs)
     ema.load_state_dict(peer_state_for(ema, ckpt.raw, kind))
