@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from polyak.series._params import check_min_periods, check_window, resolve_alpha
+from polyak._validate import as_float
+from polyak.series import _sums
+from polyak.series._params import as_scalar, check_min_periods, check_window, missing_inf, resolve_alpha
 
 __all__ = ["DebiasedStream", "EWMStream", "SMAStream", "WMAStream"]
 
@@ -61,7 +63,8 @@ class EWMStream(_Stream):
     With ``adjust=True`` the mean after n observations is sum_i (1 - alpha)^(n-i) x_i / sum_i (1 - alpha)^(n-i);
     with ``adjust=False`` it is the recursion m <- (1 - alpha) m + alpha x. A NaN is no observation: with
     ``ignore_na=False`` time still passes (the weights follow absolute positions), with ``ignore_na=True`` it
-    does not. ``var`` is pandas' ``bias=False`` variance (weights normalised as reliability weights).
+    does not. +-inf counts as missing too, as in pandas. ``var`` is pandas' ``bias=False`` variance
+    (weights normalised as reliability weights).
     """
 
     _state = ("mean", "cov", "old_wt", "sum_wt", "sum_wt2", "nobs")
@@ -104,8 +107,8 @@ class EWMStream(_Stream):
             and isinstance(elapsed, (float, int))
             and 0.0 <= elapsed < math.inf
         ):
-            return self._update_scalar(float(x), float(elapsed))
-        x = self._input(x)
+            return self._update_scalar(as_scalar(x), float(elapsed))
+        x = missing_inf(self._input(x))
         factor = (1.0 - self.alpha) ** np.asarray(elapsed, dtype=np.float64)
         obs = ~np.isnan(x)
         self.nobs = self.nobs + obs
@@ -212,33 +215,52 @@ class _WindowStream(_Stream):
         self.count = self.count + 1
 
 
-class SMAStream(_WindowStream):
-    """Simple moving average over the last ``window`` values (NaNs skipped, as pandas ``rolling().mean()``;
-    NaN until ``min_periods`` non-NaN values are in the window, default ``window``)."""
+class SMAStream(_Stream):
+    """Simple moving average over the last ``window`` values (NaN and +-inf skipped, as pandas
+    ``rolling().mean()``; NaN until ``min_periods`` valid values are in the window, default ``window``).
+
+    Keeps the compensated prefix sums of the last ``window + 1`` steps (``polyak.series._sums``), so one
+    huge value does not cost the later windows their precision, and every value equals ``sma``'s bits."""
+
+    _state = ("prefix", "count")
 
     def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, min_periods: int | None = None) -> None:
-        super().__init__(shape, window)
+        self.shape = _shape(shape)
+        self.window = check_window(window)
         self.min_periods = check_min_periods(min_periods, self.window)
+        # ring of prefixes: slot (count % (window + 1)) is the prefix after `count` steps; slot 0 starts empty
+        self.prefix = np.zeros((self.window + 1, _sums.LEVELS + 1, *self.shape))
+        self.count = np.zeros((), dtype=np.int64)
 
     def update(self, x: ArrayLike) -> F64:
-        self._push(x)
-        valid = ~np.isnan(self.buffer)
-        n = valid.sum(axis=0)
-        total = np.where(valid, self.buffer, 0.0).sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where((n >= max(self.min_periods, 1)) & (n > 0), total / n, np.nan)
+        x = missing_inf(self._input(x))
+        valid = ~np.isnan(x)
+        slots = self.window + 1
+        count = int(self.count)
+        current = _sums.advance(self.prefix[count % slots], np.where(valid, x, 0.0), valid.astype(np.float64))
+        count += 1
+        self.prefix[count % slots] = current
+        self.count = np.asarray(count, dtype=np.int64)
+        total, n = _sums.window_sum(current, self.prefix[max(count - self.window, 0) % slots])
+        return window_mean(total, n, self.min_periods)
+
+
+def window_mean(total: F64, n: F64, min_periods: int) -> F64:
+    """total / n where the window holds at least ``min_periods`` (and at least one) valid values, else NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.where((n >= max(min_periods, 1)) & (n > 0), total / n, np.nan), dtype=np.float64)
 
 
 class WMAStream(_WindowStream):
     """Weighted moving average over the last ``window`` values; ``weights[-1]`` weighs the newest value
-    (default 1, 2, ..., window). NaN while the window is not full or holds a NaN."""
+    (default 1, 2, ..., window). NaN while the window is not full or holds a NaN or an infinity."""
 
     def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, weights: ArrayLike | None = None) -> None:
         super().__init__(shape, window)
         self.weights = wma_weights(self.window, weights)
 
     def update(self, x: ArrayLike) -> F64:
-        self._push(x)
+        self._push(missing_inf(self._input(x)))
         order = (np.arange(self.window) + int(self.count)) % self.window  # oldest first
         window = self.buffer[order]
         return np.asarray(np.tensordot(self.weights, window, axes=(0, 0)) / self.weights.sum(), dtype=np.float64)
@@ -264,9 +286,9 @@ class DebiasedStream(_Stream):
 
     def __init__(self, shape: int | tuple[int, ...] = (), *, smoothing: float) -> None:
         self.shape = _shape(shape)
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
+        self.smoothing = as_float(smoothing, "smoothing", minimum=0.0)
+        if not self.smoothing < 1.0:
             raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
-        self.smoothing = float(smoothing)
         self.last = np.zeros(self.shape)
         self.n = np.zeros(self.shape, dtype=np.int64)
 
