@@ -88,9 +88,11 @@ def test_averaged_swap_is_idempotent_and_restores_the_live_weights() -> None:
     swap.swap_out()  # nothing in: a no-op
     swap.swap_in(ema, 0)
     swap.swap_in(ema, 0)  # already in: a no-op, not a second nested swap
-    assert swap.active and torch.equal(model.weight, averaged)
+    assert swap.active
+    assert torch.equal(model.weight, averaged)
     swap.swap_out()
-    assert not swap.active and torch.equal(model.weight, live)
+    assert not swap.active
+    assert torch.equal(model.weight, live)
     swap.swap_out()
     assert torch.equal(model.weight, live)
 

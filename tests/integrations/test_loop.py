@@ -171,7 +171,8 @@ def test_handle_from_attach_frees_the_slot_when_removed() -> None:
     handle.remove()
     with ema.attach(opt) as again:
         step(model, opt, data(1)[0])
-        assert again.active and ema.step == 1
+        assert again.active
+        assert ema.step == 1
     step(model, opt, data(1)[0])
     assert ema.step == 1
 

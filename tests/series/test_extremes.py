@@ -63,8 +63,10 @@ def test_inf_is_missing_in_sma_wma_and_kalman() -> None:
     clean[np.isinf(clean)] = np.nan
     same(series.wma(x, 2), series.wma(clean, 2))
     assert np.isfinite(series.wma(x, 2)[-2:]).all()
-    same(series.kalman_local_level(x, process_var=0.1, obs_var=1.0).mean,
-         series.kalman_local_level(clean, process_var=0.1, obs_var=1.0).mean)
+    same(
+        series.kalman_local_level(x, process_var=0.1, obs_var=1.0).mean,
+        series.kalman_local_level(clean, process_var=0.1, obs_var=1.0).mean,
+    )
 
 
 def test_inf_is_missing_in_streams_as_in_batch() -> None:
@@ -186,7 +188,9 @@ def test_numpy_scalar_parameters() -> None:
     same(series.ema(x, span=np.float32(5)), pd.Series(x).ewm(span=np.float32(5)).mean())
     same(series.ema(x, com=np.int64(2)), pd.Series(x).ewm(com=np.int64(2)).mean())
     same(series.ewm_std(x, alpha=np.float64(0.3)), pd.Series(x).ewm(alpha=0.3).std())
-    same(series.ema(x, halflife=np.float32(2.0), times=np.arange(6.0)), series.ema(x, halflife=2.0, times=np.arange(6.0)))
+    same(
+        series.ema(x, halflife=np.float32(2.0), times=np.arange(6.0)), series.ema(x, halflife=2.0, times=np.arange(6.0))
+    )
     same(series.sma(x, np.int64(3), min_periods=np.int32(1)), pd.Series(x).rolling(3, min_periods=1).mean())
     same(series.wma(x, np.int64(2)), series.wma(x, 2))
     assert series.SMAStream(window=np.int64(2)).window == 2
@@ -199,8 +203,18 @@ def test_numpy_scalar_parameters() -> None:
 
 
 # --- 16: degenerate parameters and sizes ---------------------------------------------------------------------
-@pytest.mark.parametrize("param", [{"span": 1e16}, {"span": 1e17}, {"com": 1e17}, {"halflife": 1e16},
-                                   {"halflife": 1e300}, {"alpha": 1e-300}, {"alpha": 5e-324}])
+@pytest.mark.parametrize(
+    "param",
+    [
+        {"span": 1e16},
+        {"span": 1e17},
+        {"com": 1e17},
+        {"halflife": 1e16},
+        {"halflife": 1e300},
+        {"alpha": 1e-300},
+        {"alpha": 5e-324},
+    ],
+)
 @pytest.mark.parametrize("adjust", [True, False])
 def test_huge_span_or_tiny_alpha_is_pandas_expanding_mean(param: dict[str, float], adjust: bool) -> None:
     x = np.array([1.0, 5.0, np.nan, 2.0, 7.0])
@@ -215,22 +229,26 @@ def test_huge_span_or_tiny_alpha_is_pandas_expanding_mean(param: dict[str, float
         same(series.ema(x, **param), pd.Series(x).expanding().mean())
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: series.ema(x, span=3),
-    lambda x: series.ewm_var(x, span=3),
-    lambda x: series.ewm_std(x, span=3),
-    lambda x: series.ema(x, halflife=1.0, times=np.zeros(0)),
-    lambda x: series.sma(x, 3),
-    lambda x: series.wma(x, 3),
-    lambda x: series.debiased(x, 0.5),
-    lambda x: series.kalman_local_level(x, process_var=1.0, obs_var=1.0).mean,
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: series.ema(x, span=3),
+        lambda x: series.ewm_var(x, span=3),
+        lambda x: series.ewm_std(x, span=3),
+        lambda x: series.ema(x, halflife=1.0, times=np.zeros(0)),
+        lambda x: series.sma(x, 3),
+        lambda x: series.wma(x, 3),
+        lambda x: series.debiased(x, 0.5),
+        lambda x: series.kalman_local_level(x, process_var=1.0, obs_var=1.0).mean,
+    ],
+)
 def test_empty_input_gives_empty_output(fn) -> None:
     assert pd.Series([], dtype=float).ewm(span=3).mean().size == 0  # what pandas does
     assert np.asarray(fn(np.zeros(0))).shape == (0,)
     assert np.asarray(fn(np.zeros((3, 0)))).shape == (3, 0)
     out = fn(torch.zeros(0))
-    assert isinstance(out, torch.Tensor) and out.shape == (0,)
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (0,)
 
 
 def test_wma_huge_window_allocates_nothing_large() -> None:
@@ -241,7 +259,8 @@ def test_wma_huge_window_allocates_nothing_large() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert np.isnan(out).all() and out.shape == (7,)
+    assert np.isnan(out).all()
+    assert out.shape == (7,)
     assert peak < 1 << 20  # bytes; the old code asked for 8 GB of weights
     with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
         series.wma(x, 3, weights=[1.0, 2.0])
