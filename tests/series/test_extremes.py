@@ -145,6 +145,8 @@ def test_sma_near_exact_and_stream_bit_identical(x: list[float], window: int) ->
     stream = series.SMAStream(2, window=window)
     steps = np.stack([stream.update([u, v]) for u, v in zip(x, x[::-1])], axis=1)
     assert bits(steps) == bits(batch)
+    scalar = series.SMAStream(window=window)  # the Python-float path of a single stream
+    assert bits([scalar.update(v) for v in x]) == bits(ours)
     restored = series.SMAStream(2, window=window)  # state_dict carries the compensated prefixes
     restored.load_state_dict(stream.state_dict())
     assert bits(restored.update([1.0, 2.0])) == bits(stream.update([1.0, 2.0]))

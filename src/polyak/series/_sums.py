@@ -25,28 +25,49 @@ LEVELS = 3  # s, e1, e2; a fourth row carries the count of observations
 
 
 def _two_sum_err(a: F64, b: F64, s: F64) -> F64:
-    """The exact rounding error of s = fl(a + b): a + b == s + err (TwoSum, no branch on |a| >= |b|)."""
+    """The exact rounding error of s = fl(a + b): a + b == s + err (TwoSum, no branch on |a| >= |b|),
+    computed as (a - (s - (s - a))) + (b - (s - a))."""
     bb = s - a
     return np.asarray((a - (s - bb)) + (b - bb), dtype=np.float64)
 
 
-def prefix_sums(values: F64, valid: F64) -> F64:
-    """Prefix sums of ``values`` (NaN-free, shape (series, n)) as a (LEVELS + 1, series, n + 1) array:
-    the compensated levels and, last, the running count ``valid`` (0/1). Column 0 is the empty prefix."""
-    series, n = values.shape
-    out = np.zeros((LEVELS + 1, series, n + 1))
+def prefix_sums(values: F64, valid: F64) -> list[F64]:
+    """Prefix sums after steps 1..n of ``values`` (NaN-free, shape (series, n)): the LEVELS compensated
+    levels and, last, the running count of ``valid`` (0/1), each of shape (series, n)."""
+    levels: list[F64] = []
     addend = values
     for level in range(LEVELS):
-        np.cumsum(addend, axis=1, out=out[level, :, 1:])
+        running = np.cumsum(addend, axis=1)
+        levels.append(running)
         if level + 1 < LEVELS:
-            addend = _two_sum_err(out[level, :, :-1], addend, out[level, :, 1:])
-    np.cumsum(valid, axis=1, out=out[LEVELS, :, 1:])
-    return out
+            before = np.empty_like(running)
+            before[:, 0] = 0.0
+            before[:, 1:] = running[:, :-1]
+            addend = _two_sum_err(before, addend, running)
+    levels.append(np.cumsum(valid, axis=1))
+    return levels
+
+
+def rolling_sums(prefix: list[F64], window: int) -> tuple[F64, F64]:
+    """(sum, count) of the last ``window`` steps at every step, from ``prefix_sums``: the window before
+    step ``window`` starts at the empty prefix (all levels 0). The same operations as ``window_sum``."""
+    total = np.empty_like(prefix[0])
+    count = np.empty_like(prefix[0])
+    head = min(window, total.shape[1])
+    # x - 0.0 == x bit for bit (also for -0.0), so the head runs window_sum's formula against zeros.
+    total[:, :head] = prefix[0][:, :head] + (prefix[1][:, :head] + prefix[2][:, :head])
+    count[:, :head] = prefix[LEVELS][:, :head]
+    if head < total.shape[1]:
+        hi = [level[:, window:] for level in prefix]
+        lo = [level[:, :-window] for level in prefix]
+        total[:, window:] = (hi[0] - lo[0]) + ((hi[1] - lo[1]) + (hi[2] - lo[2]))
+        count[:, window:] = hi[LEVELS] - lo[LEVELS]
+    return total, count
 
 
 def advance(prefix: F64, value: F64, valid: F64) -> F64:
-    """The prefix after one more step (``prefix``: (LEVELS + 1, *shape)); the same operations as one
-    column of ``prefix_sums``."""
+    """The prefix after one more step (``prefix``: (LEVELS + 1, *shape), levels then count); the same
+    operations as one step of ``prefix_sums``."""
     out = np.empty_like(prefix)
     addend = value
     for level in range(LEVELS):

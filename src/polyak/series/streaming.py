@@ -233,6 +233,8 @@ class SMAStream(_Stream):
         self.count = np.zeros((), dtype=np.int64)
 
     def update(self, x: ArrayLike) -> F64:
+        if not self.shape and isinstance(x, (float, int, np.floating, np.integer)):
+            return self._update_scalar(as_scalar(x))
         x = missing_inf(self._input(x))
         valid = ~np.isnan(x)
         slots = self.window + 1
@@ -243,6 +245,31 @@ class SMAStream(_Stream):
         self.count = np.asarray(count, dtype=np.int64)
         total, n = _sums.window_sum(current, self.prefix[max(count - self.window, 0) % slots])
         return window_mean(total, n, self.min_periods)
+
+    def _update_scalar(self, x: float) -> F64:
+        """``update`` for one stream (shape ()) in Python floats: ``_sums.advance`` and ``window_sum``
+        written out, the same IEEE operations in the same order (the tests compare the bits), without
+        twenty numpy calls on 0-d arrays."""
+        valid = x == x  # not NaN
+        value = x if valid else 0.0
+        slots = self.window + 1
+        count = int(self.count)
+        p0, p1, p2, pn = self.prefix[count % slots].tolist()
+        s0 = p0 + value
+        bb = s0 - p0
+        err = (p0 - (s0 - bb)) + (value - bb)
+        s1 = p1 + err
+        bb = s1 - p1
+        err = (p1 - (s1 - bb)) + (err - bb)
+        s2 = p2 + err
+        sn = pn + (1.0 if valid else 0.0)
+        count += 1
+        self.prefix[count % slots] = (s0, s1, s2, sn)
+        self.count = np.asarray(count, dtype=np.int64)
+        l0, l1, l2, ln = self.prefix[max(count - self.window, 0) % slots].tolist()
+        total = (s0 - l0) + ((s1 - l1) + (s2 - l2))
+        n = sn - ln
+        return np.asarray(total / n if n >= max(self.min_periods, 1) and n > 0 else math.nan)
 
 
 def window_mean(total: F64, n: F64, min_periods: int) -> F64:
