@@ -308,3 +308,19 @@ def test_smooth_out_jsonl_rows_with_different_keys(tmp_path) -> None:
     table = pd.read_csv(out)
     assert list(table.columns) == ["step", "loss", "lr", "loss_smoothed"]
     same(table["loss_smoothed"], pd.Series([1.0, 3.0, 2.0]).ewm(span=2).mean())
+
+
+def test_sma_stream_loads_a_state_saved_before_the_compensated_sums() -> None:
+    """States written by earlier versions hold the raw window (``buffer``, ``count``): they still load."""
+    x = np.array([[3.0, np.nan, 1e16, 2.0, 5.0, 7.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    for seen in (2, 5):  # a window not yet full, and one that has wrapped around
+        window = 3
+        buffer = np.full((window, 2), np.nan)
+        for t in range(seen):
+            buffer[t % window] = x[:, t]
+        stream = series.SMAStream(2, window=window, min_periods=1)
+        stream.load_state_dict({"buffer": buffer, "count": np.asarray(seen)})
+        rest = np.stack([stream.update(x[:, t]) for t in range(seen, x.shape[1])], axis=1)
+        same(rest, series.sma(x, window, min_periods=1)[:, seen:])
+    with pytest.raises(ValueError, match="'buffer' has shape"):
+        series.SMAStream(window=3).load_state_dict({"buffer": np.zeros(2), "count": 0})

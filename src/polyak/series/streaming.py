@@ -246,6 +246,34 @@ class SMAStream(_Stream):
         total, n = _sums.window_sum(current, self.prefix[max(count - self.window, 0) % slots])
         return window_mean(total, n, self.min_periods)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; a state saved before the compensated sums (``buffer``: the last
+        ``window`` raw values, ``count``) is converted by summing those values from zero, so the averages
+        continue to within rounding of an uninterrupted stream."""
+        if "prefix" in state or "buffer" not in state:
+            super().load_state_dict(state)
+            return
+        buffer = np.asarray(state["buffer"], dtype=np.float64)
+        if buffer.shape != (self.window, *self.shape):
+            raise ValueError(
+                f"SMAStream state 'buffer' has shape {buffer.shape}, expected {(self.window, *self.shape)}"
+            )
+        count = int(np.asarray(state.get("count", 0)))
+        if count < 0:
+            raise ValueError(f"SMAStream state 'count' must be >= 0, got {count}")
+        kept = min(count, self.window)
+        order = (np.arange(self.window) + count) % self.window  # oldest first
+        prefix = np.zeros_like(self.prefix)
+        step = count - kept  # the sums restart from zero at this step
+        current = prefix[step % (self.window + 1)]
+        for value in buffer[order][self.window - kept :]:
+            value = missing_inf(value)
+            valid = ~np.isnan(value)
+            current = _sums.advance(current, np.where(valid, value, 0.0), valid.astype(np.float64))
+            step += 1
+            prefix[step % (self.window + 1)] = current
+        self.prefix, self.count = prefix, np.asarray(count, dtype=np.int64)
+
     def _update_scalar(self, x: float) -> F64:
         """``update`` for one stream (shape ()) in Python floats: ``_sums.advance`` and ``window_sum``
         written out, the same IEEE operations in the same order (the tests compare the bits), without
