@@ -24,19 +24,14 @@ def build_ema(model: nn.Module, decay: DecayLike | Sequence[DecayLike] | None, i
     and a plain ``EMA(model)`` average alike. Fails now on an ``index`` out of range, not at the first
     evaluation."""
     ema = EMA(model, **ema_kwargs) if decay is None else EMA(model, decay=decay, **ema_kwargs)
-    check_index(index, ema.num_averages)
+    ema.check_index(index)
     return ema
 
 
-def check_index(index: Any, num_averages: int | None = None) -> int:
-    """``index`` as an int (numpy integers accepted), in ``[-num_averages, num_averages)`` when given."""
-    value = as_int(index, "index")
-    if num_averages is not None and not -num_averages <= value < num_averages:
-        raise ValueError(
-            f"index {value} out of range: this EMA keeps {num_averages} average(s); pass an index in "
-            f"[{-num_averages}, {num_averages})"
-        )
-    return value
+def check_index(index: Any) -> int:
+    """``index`` as an int (numpy integers accepted), checked before there is an EMA to check its range
+    (``EMA.check_index`` does that in ``build_ema``)."""
+    return as_int(index, "index")
 
 
 def check_start(value: Any, name: str) -> int:
