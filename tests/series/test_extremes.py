@@ -324,3 +324,18 @@ def test_sma_stream_loads_a_state_saved_before_the_compensated_sums() -> None:
         same(rest, series.sma(x, window, min_periods=1)[:, seen:])
     with pytest.raises(ValueError, match="'buffer' has shape"):
         series.SMAStream(window=3).load_state_dict({"buffer": np.zeros(2), "count": 0})
+
+
+def test_smooth_kalman_default_noise_ignores_inf(tmp_path) -> None:
+    """The default observation noise is the variance of the valid values (it was NaN with an inf, an error)."""
+    path = tmp_path / "log.csv"
+    x = [1.0, 4.0, INF, 2.0, 8.0, 5.0]
+    path.write_text("loss\n" + "".join(f"{v}\n" for v in x))
+    out = tmp_path / "out.csv"
+    assert main(["smooth", str(path), "--column", "loss", "--method", "kalman", "--span", "3", "--out", str(out)]) == 0
+    valid = np.array([v for v in x if math.isfinite(v)])
+    r = float(np.var(valid))
+    q = r * 0.5 * 0.5 / 0.5  # alpha = 2 / (span + 1) = 0.5: q = r a^2 / (1 - a)
+    expected = series.kalman_local_level(np.array(x), process_var=q, obs_var=r).mean
+    same(pd.read_csv(out)["loss_smoothed"], expected)
+    assert np.isfinite(expected).all()

@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         a = resolve_alpha(
             alpha=params.get("alpha"), span=params.get("span"), halflife=params.get("halflife"), com=params.get("com")
         )
-        r = args.obs_var if args.obs_var is not None else float(np.nanvar(x)) or 1.0
+        finite = x[np.isfinite(x)]  # NaN and +-inf are missing values
+        r = args.obs_var if args.obs_var is not None else (float(np.var(finite)) if finite.size else 0.0) or 1.0
         q = args.process_var if args.process_var is not None else (r * a * a / (1.0 - a) if a < 1.0 else r * 1e6)
         smoothed = kalman_local_level(x, process_var=q, obs_var=r).mean
     name = f"{args.column}_smoothed"
