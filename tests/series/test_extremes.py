@@ -339,3 +339,26 @@ def test_smooth_kalman_default_noise_ignores_inf(tmp_path) -> None:
     expected = series.kalman_local_level(np.array(x), process_var=q, obs_var=r).mean
     same(pd.read_csv(out)["loss_smoothed"], expected)
     assert np.isfinite(expected).all()
+
+
+def test_sma_stream_huge_window_costs_only_the_steps_seen() -> None:
+    x = np.random.default_rng(0).normal(size=300)
+    tracemalloc.start()
+    try:
+        stream = series.SMAStream(window=10**9, min_periods=1)
+        got = [stream.update(v) for v in x]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # bytes; a ring of 10^9 + 1 prefixes would be 32 GB
+    assert bits(got) == bits(series.sma(x, 10**9, min_periods=1))
+    same(got, pd.Series(x).expanding().mean())
+    two = series.SMAStream(2, window=10**9, min_periods=1)  # the array path grows the same ring
+    both = np.stack([x, -x])
+    assert bits(np.stack([two.update(col) for col in both.T], axis=1)) == bits(series.sma(both, 10**9, min_periods=1))
+    # the grown ring round-trips through state_dict, and a wrong one is refused with its expected shape
+    other = series.SMAStream(window=10**9, min_periods=1)
+    other.load_state_dict(stream.state_dict())
+    assert bits(other.update(1.5)) == bits(stream.update(1.5))
+    with pytest.raises(ValueError, match=r"'prefix' has shape \(3, 4\), expected \(302\.\.1000000001, 4\)"):
+        other.load_state_dict({"prefix": np.zeros((3, 4)), "count": 301})

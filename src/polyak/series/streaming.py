@@ -220,7 +220,8 @@ class SMAStream(_Stream):
     ``rolling().mean()``; NaN until ``min_periods`` valid values are in the window, default ``window``).
 
     Keeps the compensated prefix sums of the last ``window + 1`` steps (``polyak.series._sums``), so one
-    huge value does not cost the later windows their precision, and every value equals ``sma``'s bits."""
+    huge value does not cost the later windows their precision, and every value equals ``sma``'s bits.
+    The ring of prefixes grows with the steps seen, so a huge ``window`` costs only what has been seen."""
 
     _state = ("prefix", "count")
 
@@ -228,9 +229,19 @@ class SMAStream(_Stream):
         self.shape = _shape(shape)
         self.window = check_window(window)
         self.min_periods = check_min_periods(min_periods, self.window)
-        # ring of prefixes: slot (count % (window + 1)) is the prefix after `count` steps; slot 0 starts empty
-        self.prefix = np.zeros((self.window + 1, _sums.LEVELS + 1, *self.shape))
+        # ring of prefixes: slot (count % (window + 1)) is the prefix after `count` steps; slot 0 starts empty.
+        # It grows (doubling) until it holds window + 1 slots, which it does before the first wrap-around.
+        self.prefix = np.zeros((min(self.window + 1, 64), _sums.LEVELS + 1, *self.shape))
         self.count = np.zeros((), dtype=np.int64)
+
+    def _slot(self, count: int) -> int:
+        """The ring slot of the prefix after ``count`` steps, growing the ring to hold it."""
+        slot = count % (self.window + 1)
+        if slot >= len(self.prefix):
+            grown = np.zeros((min(self.window + 1, max(2 * len(self.prefix), slot + 1)), *self.prefix.shape[1:]))
+            grown[: len(self.prefix)] = self.prefix
+            self.prefix = grown
+        return slot
 
     def update(self, x: ArrayLike) -> F64:
         if not self.shape and isinstance(x, (float, int, np.floating, np.integer)):
@@ -241,7 +252,8 @@ class SMAStream(_Stream):
         count = int(self.count)
         current = _sums.advance(self.prefix[count % slots], np.where(valid, x, 0.0), valid.astype(np.float64))
         count += 1
-        self.prefix[count % slots] = current
+        slot = self._slot(count)  # may grow the ring: index the new one
+        self.prefix[slot] = current
         self.count = np.asarray(count, dtype=np.int64)
         total, n = _sums.window_sum(current, self.prefix[max(count - self.window, 0) % slots])
         return window_mean(total, n, self.min_periods)
@@ -251,7 +263,7 @@ class SMAStream(_Stream):
         ``window`` raw values, ``count``) is converted by summing those values from zero, so the averages
         continue to within rounding of an uninterrupted stream."""
         if "prefix" in state or "buffer" not in state:
-            super().load_state_dict(state)
+            self._load_prefix(state)
             return
         buffer = np.asarray(state["buffer"], dtype=np.float64)
         if buffer.shape != (self.window, *self.shape):
@@ -263,7 +275,7 @@ class SMAStream(_Stream):
             raise ValueError(f"SMAStream state 'count' must be >= 0, got {count}")
         kept = min(count, self.window)
         order = (np.arange(self.window) + count) % self.window  # oldest first
-        prefix = np.zeros_like(self.prefix)
+        prefix = np.zeros((self.window + 1, *self.prefix.shape[1:]))
         step = count - kept  # the sums restart from zero at this step
         current = prefix[step % (self.window + 1)]
         for value in buffer[order][self.window - kept :]:
@@ -273,6 +285,22 @@ class SMAStream(_Stream):
             step += 1
             prefix[step % (self.window + 1)] = current
         self.prefix, self.count = prefix, np.asarray(count, dtype=np.int64)
+
+    def _load_prefix(self, state: dict[str, Any]) -> None:
+        missing = [n for n in self._state if n not in state]
+        if missing:
+            raise ValueError(f"SMAStream state is missing {missing}")
+        prefix = np.asarray(state["prefix"], dtype=np.float64)
+        count = int(np.asarray(state["count"]))
+        if count < 0:
+            raise ValueError(f"SMAStream state 'count' must be >= 0, got {count}")
+        least = min(count, self.window) + 1  # every slot written so far
+        if prefix.shape[1:] != self.prefix.shape[1:] or not least <= len(prefix) <= self.window + 1:
+            raise ValueError(
+                f"SMAStream state 'prefix' has shape {prefix.shape}, expected ({least}..{self.window + 1}, "
+                f"{', '.join(map(str, self.prefix.shape[1:]))}) for window={self.window} after {count} steps"
+            )
+        self.prefix, self.count = prefix.copy(), np.asarray(count, dtype=np.int64)
 
     def _update_scalar(self, x: float) -> F64:
         """``update`` for one stream (shape ()) in Python floats: ``_sums.advance`` and ``window_sum``
@@ -292,7 +320,8 @@ class SMAStream(_Stream):
         s2 = p2 + err
         sn = pn + (1.0 if valid else 0.0)
         count += 1
-        self.prefix[count % slots] = (s0, s1, s2, sn)
+        slot = self._slot(count)  # may grow the ring: index the new one
+        self.prefix[slot] = (s0, s1, s2, sn)
         self.count = np.asarray(count, dtype=np.int64)
         l0, l1, l2, ln = self.prefix[max(count - self.window, 0) % slots].tolist()
         total = (s0 - l0) + ((s1 - l1) + (s2 - l2))
