@@ -46,7 +46,7 @@ pytest: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 # The schedule plots on docs/schedules.md are generated, never drawn by hand.
 docs-plots: $(STAMP)
