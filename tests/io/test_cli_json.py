@@ -34,9 +34,9 @@ def test_inspect_json_polyak_checkpoint(tmp_path: Path, capsys: pytest.CaptureFi
     assert len(info["sha256"]) == 64
     names = {t["name"]: t for t in info["tensors"]}
     assert names["ema.averages.0.0.weight"] == {"name": "ema.averages.0.0.weight", "dtype": "float32", "shape": [8, 4]}
-    assert info["bytes"] == sum(4 * torch.Size(t["shape"]).numel() for t in info["tensors"] if t["dtype"] == "float32") + sum(
-        8 * torch.Size(t["shape"]).numel() for t in info["tensors"] if t["dtype"] == "int64"
-    )
+    assert info["bytes"] == sum(
+        4 * torch.Size(t["shape"]).numel() for t in info["tensors"] if t["dtype"] == "float32"
+    ) + sum(8 * torch.Size(t["shape"]).numel() for t in info["tensors"] if t["dtype"] == "int64")
     averaged, raw = ema.averaged_state_dict(0), model.state_dict()
     keys = [k for k, v in raw.items() if v.is_floating_point()]
     num = sum(float((averaged[k].double() - raw[k].double()).norm()) ** 2 for k in keys)
