@@ -24,7 +24,7 @@ def subcommands() -> dict[str, object]:
 
 def test_version_has_one_source(capsys: pytest.CaptureFixture[str]) -> None:
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    assert not re.search(r"(?m)^version\s*=", pyproject), "the version is written once, in polyak.__version__"
+    assert not re.search(r"(?m)^version\s*=\s*\"", pyproject), "the version is written once, in polyak.__version__"
     assert re.search(r'(?m)^dynamic\s*=\s*\[[^]]*"version"', pyproject)
     assert 'version = { attr = "polyak.__version__" }' in pyproject
     with pytest.raises(SystemExit) as exit_info:
