@@ -17,14 +17,15 @@ PEERS  := ema-pytorch==0.8.3 torch-ema==0.3 timm==1.0.31 ultralytics==8.4.190 di
 
 venv: $(STAMP)
 
-# torch first, pinned, so that nothing later can pull another build of it.
+# torch first, pinned, so that nothing later can pull another build of it. --no-compile: Python compiles
+# what it imports on first use, instead of every file of torch and the extras at install time.
 $(BASE):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q --no-compile $(TORCH)
 	touch $(BASE)
 
 $(DEMO): $(BASE) pyproject.toml
-	$(PY) -m pip install -q -e '.[experiments]'
+	$(PY) -m pip install -q --no-compile -e '.[experiments]'
 	touch $(DEMO)
 
 $(STAMP): $(BASE) pyproject.toml Makefile
