@@ -29,8 +29,8 @@ $(DEMO): $(BASE) pyproject.toml
 	touch $(DEMO)
 
 $(STAMP): $(BASE) pyproject.toml Makefile
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps $(PEERS)
+	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	$(PY) -m pip install -q --no-compile --no-deps $(PEERS)
 	touch $(STAMP)
 
 demo: $(DEMO)
@@ -61,8 +61,8 @@ package: $(STAMP)
 	rm -f build-log.txt
 	$(VENV)/bin/twine check --strict dist/*
 	$(PYTHON) -m venv $(SMOKE)
-	$(SMOKE)/bin/python -m pip install -q $(TORCH)
-	$(SMOKE)/bin/python -m pip install -q dist/*.whl
+	$(SMOKE)/bin/python -m pip install -q --no-compile $(TORCH)
+	$(SMOKE)/bin/python -m pip install -q --no-compile dist/*.whl
 	cd build && ../$(SMOKE)/bin/python ../.ci/smoke.py
 
 ci: test package
