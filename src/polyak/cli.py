@@ -16,7 +16,12 @@ from collections.abc import Sequence
 
 # Modules that contribute subcommands. Each defines add_commands(subparsers) -> None; each parser sets
 # `func` (args -> exit code) with set_defaults.
-_COMMAND_MODULES: tuple[str, ...] = ("polyak.experiments.cli", "polyak.series.cli", "polyak.io.cli")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "polyak.experiments.cli",
+    "polyak.series.cli",
+    "polyak.io.cli",
+    "polyak.posthoc.cli",
+)
 
 # Shown under "examples:" at the end of `polyak COMMAND --help`; tests/test_cli_help.py parses every line.
 EXAMPLES: dict[str, tuple[str, ...]] = {

@@ -36,9 +36,10 @@ def add_commands(sub: Any) -> None:
         help="run one experiment over many seeds and write its report",
         description="Experiments: regression (make_regression MLP, early stopping), digits and mnist1d "
         "(classifiers, with a BatchNorm model: stale vs recomputed statistics), sweep (decays x warm-ups, "
-        "their traps on short runs), compare (EMA vs SWA vs raw, constant vs cosine LR).",
+        "their traps on short runs), compare (EMA vs SWA vs raw, constant vs cosine LR), posthoc (post-hoc EMA "
+        "of a grid of widths vs the exact EMA of each width).",
     )
-    exp.add_argument("name", metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}")
+    exp.add_argument("name", metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}, posthoc")
     exp.add_argument("--seeds", type=int, default=10, help="number of seeds (default: 10)")
     exp.add_argument("--epochs", type=int, default=None, help="epochs per run (default: per experiment)")
     exp.add_argument(
@@ -117,6 +118,10 @@ def run_experiment(args: argparse.Namespace) -> int:
     from polyak.experiments.report import write_experiment
     from polyak.experiments.suite import build_arms, run_arms
 
+    if args.name == "posthoc":  # its own trainer and report: polyak.experiments.posthoc
+        from polyak.experiments.posthoc import run_posthoc
+
+        return run_posthoc(args)
     if args.name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")
     opts = _options(args)
