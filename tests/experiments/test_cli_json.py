@@ -34,3 +34,9 @@ def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert summary["report"] == str(tmp_path / "report.md")
     assert set(summary["experiments"]) == {"regression", "digits"}
     assert Path(summary["experiments"]["digits"]["results"]).is_file()
+
+
+def test_posthoc_experiment_refuses_json_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["experiment", "posthoc", "--out", str(tmp_path / "p"), "--json"]) == 2
+    assert "--json is not available for the posthoc experiment" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
