@@ -30,7 +30,7 @@ from torch import Tensor
 
 from polyak._kernels import finite_on_host
 from polyak._select import normalize_key
-from polyak._validate import as_bool, as_int
+from polyak._validate import as_bool, as_float, as_int
 
 __all__ = [
     "STATE_FORMAT",
@@ -144,10 +144,10 @@ def _fractions(state: Mapping[str, Any], key: str, default: float, count: int, w
         raise _corrupt(what, f"it holds {count} average(s) but {len(values)} {key!r}; one float per average")
     out = []
     for i, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
-            # `not (0 <= x <= 1)` also refuses NaN
-            raise _corrupt(what, f"{key}[{i}] = {value!r}; it must be a number in [0, 1]")
-        out.append(float(value))
+        try:
+            out.append(as_float(value, f"{key}[{i}]", minimum=0.0, maximum=1.0))
+        except (TypeError, ValueError):
+            raise _corrupt(what, f"{key}[{i}] = {value!r}; it must be a number in [0, 1]") from None
     return tuple(out)
 
 

@@ -49,10 +49,10 @@ def _posthoc(args: argparse.Namespace) -> int:
     if weights.error > 0.05:
         print("note: over 5% profile error: this width is hard to reach from the stored ones (store a closer one)")
     if args.output is not None:
-        from polyak.io.peers import save_plain_safetensors
+        from polyak.io._exchange import save_plain
 
         state = snaps.combine(weights)
-        save_plain_safetensors(args.output, state)
+        save_plain(args.output, state)
         print(f"wrote {len(state)} tensors to {args.output}")
     if args.plot is not None:
         from polyak.posthoc.plot import plot_profiles
