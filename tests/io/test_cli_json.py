@@ -31,7 +31,8 @@ def test_inspect_json_polyak_checkpoint(tmp_path: Path, capsys: pytest.CaptureFi
     assert info["averages"] == 2
     assert len(info["decay"]) == 2
     assert info["sections"] == ["ema", "model"]
-    assert len(info["sha256"]) == 64
+    assert info["checksum"] == polyak.io.read(path).metadata["checksum"]
+    assert info["checksum"].startswith("sha256:")
     names = {t["name"]: t for t in info["tensors"]}
     assert names["ema.averages.0.0.weight"] == {"name": "ema.averages.0.0.weight", "dtype": "float32", "shape": [8, 4]}
     assert info["bytes"] == sum(
@@ -54,5 +55,5 @@ def test_inspect_json_peer_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "ema_pytorch"
     assert info["step"] == 1
-    assert info["sha256"] is None
+    assert info["checksum"] is None
     assert info["tensors"]

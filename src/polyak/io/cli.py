@@ -301,7 +301,8 @@ def _inspect_json(path: str, ckpt: Any) -> int:
         if isinstance(ckpt.raw.get("decay"), (int, float)):
             out["decay"] = ckpt.raw["decay"]
     out["sections"] = _sections(ckpt)
-    out["sha256"] = ckpt.metadata.get("sha256") or None
+    # verified on read: the header and the tensors (checksum), or the tensors alone (sha256, older files)
+    out["checksum"] = ckpt.metadata.get("checksum") or ckpt.metadata.get("sha256") or None
     tensors = _all_tensors(ckpt)
     out["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
     out["tensors"] = [
