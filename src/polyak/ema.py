@@ -613,34 +613,23 @@ class EMA:
 
     # --- training-loop hook ----------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Call ``update()`` after every ``optimizer.step()`` (a step post-hook). Returns the hook handle;
-        ``handle.remove()`` or ``ema.detach()`` stops it.
+        """Call ``update()`` after every ``optimizer.step()`` (a step post-hook). Returns a
+        ``polyak.hooks.StepHook``; ``handle.remove()`` or ``ema.detach()`` stops it.
 
-        Pitfalls: do not also call ``ema.update()`` yourself (each step would be averaged twice); attach
-        one EMA to one optimizer (two optimizers stepping one model would update it twice per step; attach
-        to the last one that steps). A ``GradScaler`` that skips ``optimizer.step()`` on inf gradients skips
-        the update too, which is what you want.
+        One hook per EMA: a second ``attach`` or ``polyak.integrations.loop.update_on_step`` (same optimizer
+        or another) raises RuntimeError until the first is removed, since each step would be averaged twice.
+        Do not also call ``ema.update()`` yourself. A ``GradScaler`` that skips ``optimizer.step()`` on inf
+        gradients skips the update too, which is what you want.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if self._hooks:
-            raise RuntimeError(
-                "this EMA is already attached to an optimizer; call ema.detach() first (two hooks would "
-                "update the average twice per step)"
-            )
+        from polyak import hooks
 
-        def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-            self.update()
-
-        handle = optimizer.register_step_post_hook(hook)
-        self._hooks.append(handle)
-        return handle
+        return hooks.register(self, optimizer, self.update)
 
     def detach(self) -> None:
-        """Remove the optimizer hook installed by ``attach`` (no-op when not attached)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        """Remove the optimizer hook installed by ``attach`` or ``update_on_step`` (no-op when not attached)."""
+        from polyak import hooks
+
+        hooks.unregister(self)
 
     # --- reading the average ---------------------------------------------------------------------------
     def check_index(self, index: int) -> int:
