@@ -70,6 +70,10 @@ def verdict(cmp: PairedComparison, claimed_diff: float) -> str:
 
 
 def _metric(config: dict[str, Any]) -> tuple[str, bool]:
+    from polyak.experiments.tasks import METRICS
+
+    if config["dataset"] in METRICS:  # generative tasks: lower is better
+        return f"test {METRICS[config['dataset']]}", False
     return ("test MSE", False) if config["dataset"] == "regression" else ("test accuracy (%)", True)
 
 
@@ -265,6 +269,11 @@ def write_experiment(
     """Write ``report.md``, ``results.json`` and the PNGs of one experiment into ``out_dir``."""
     from polyak.experiments import plots
 
+    if name == "defaults":
+        from polyak.experiments.defaults import write_defaults
+
+        return write_defaults(out_dir, results, command=command, seconds=seconds, versions=versions())
+
     out_dir.mkdir(parents=True, exist_ok=True)
     analysis = analyse(name, results)
     claim_rows = claims(name, analysis)
@@ -297,7 +306,7 @@ def write_experiment(
             f"## {name}: {label}",
             "",
             f"{len(seeds)} seeds, {config['epochs']} epochs ({seeds[0]['steps']} steps), data set "
-            f"`{config['dataset']}`, MLP hidden widths {'-'.join(str(h) for h in config['hidden'])}{' with BatchNorm' if config['batchnorm'] else ''}, "
+            f"`{config['dataset']}`, {_model_words(config)}, "
             f"Adam lr {config['lr']} ({config['lr_schedule']}), batch {config['batch_size']}.",
             "",
         ]
@@ -457,6 +466,16 @@ def _sweep_section(arm: dict[str, Any], a: dict[str, Any], out_dir: Path, plots:
         "",
     ]
     return lines
+
+
+def _model_words(config: dict[str, Any]) -> str:
+    hidden = "-".join(str(h) for h in config["hidden"])
+    if config["dataset"] == "swissroll":
+        return f"DDPM denoiser MLP hidden widths {hidden}"
+    if config["dataset"] == "stdlib-text":
+        width, layers = config["hidden"]
+        return f"character-level transformer width {width}, {layers} layers"
+    return f"MLP hidden widths {hidden}{' with BatchNorm' if config['batchnorm'] else ''}"
 
 
 def _cpus() -> str:
