@@ -156,3 +156,43 @@ def test_compare_runs_on_the_generative_tasks(dataset, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert f"test {'energy distance' if dataset == 'swissroll' else 'bits per character'}" in report
     assert set(results["cosine LR"]["seeds"][0]["curves"]) == {"raw", "ema0.999", "swa"}
+
+
+def test_default_spec_is_what_ema_does_without_a_decay():
+    import inspect
+
+    from polyak import EMA
+    from polyak.schedules import as_schedule
+
+    params = inspect.signature(EMA).parameters
+    spec = defaults.default_spec()
+    assert as_schedule(params["decay"].default) == spec.schedule()
+    assert params["debias"].default == spec.debias
+
+
+@pytest.mark.parametrize("name", ["swissroll", "stdlib-text"])
+def test_task_experiments_compare_the_default_with_raw(name, tmp_path):
+    arms = build_arms(name, Options())
+    smooth, noisy = defaults.FULL.lrs[name]
+    assert [(label, cfg.lr) for label, cfg in arms] == [(f"lr {smooth:g}", smooth), (f"lr {noisy:g}", noisy)]
+    assert all(cfg.averages[0] == defaults.default_spec() for _, cfg in arms)
+    assert [label for label, _ in build_arms(name, Options(quick=True))] == [f"lr {noisy:g}"]
+    tiny = defaults.TINY
+    arms = [
+        (
+            label,
+            replace(
+                cfg,
+                hidden=tiny.hidden[name],
+                batch_size=tiny.batch[name],
+                epochs=2,
+                extra={"steps_per_epoch": 2, "task": tiny.task_args[name]},
+            ),
+        )
+        for label, cfg in arms
+    ]
+    results = run_arms(arms, Options(seeds=2), progress=False)
+    write_experiment(tmp_path, name, results, command="test", seconds=0.0)
+    report = (tmp_path / "report.md").read_text()
+    assert report.count(f"| {name} lr ") == 2  # one claim row per learning rate
+    assert "EMA() default vs raw" in report

@@ -36,6 +36,7 @@ __all__ = [
     "build_arms",
     "candidates",
     "choose_default",
+    "default_spec",
     "sigma_rel_to_gamma",
     "write_defaults",
 ]
@@ -77,6 +78,11 @@ def candidates() -> tuple[AverageSpec, ...]:
 
 
 CANDIDATES: tuple[str, ...] = tuple(a.name for a in candidates())
+
+
+def default_spec() -> AverageSpec:
+    """The average ``EMA(model)`` keeps when no decay is given (its signature's default)."""
+    return AverageSpec("EMA() default", "constant", 0.9999)
 
 
 @dataclass(frozen=True)

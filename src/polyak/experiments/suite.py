@@ -6,9 +6,10 @@
 | digits, mnist1d | MLP, and MLP with BatchNorm | EMA at each decay; BN: stale / averaged / recomputed statistics |
 | sweep | one MLP | decays x warm-ups (constant, (1+t)/(10+t), 1-exp(-t/2000)) in one EMA |
 | compare | constant LR, cosine LR | EMA, SWA (uniform average over the last 25% of steps) |
+| swissroll, stdlib-text | the task of ``tasks.py`` at a smooth and a noisy Adam LR | ``EMA()``'s default decay, EMA at each decay |
 | defaults | swissroll, stdlib-text x short, long x smooth, noisy LR | every candidate default (``defaults.py``) |
 
-``compare`` also runs on the generative tasks of ``tasks.py`` (``--dataset swissroll`` or ``stdlib-text``).
+``compare`` also runs on the generative tasks (``--dataset swissroll`` or ``stdlib-text``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from polyak.experiments.tasks import TASKS
 
 __all__ = ["EXPERIMENTS", "Options", "build_arms", "run_arms"]
 
-EXPERIMENTS: tuple[str, ...] = ("regression", "digits", "mnist1d", "sweep", "compare", "defaults")
+EXPERIMENTS: tuple[str, ...] = (
+    "regression",
+    "digits",
+    "mnist1d",
+    "sweep",
+    "compare",
+    "swissroll",
+    "stdlib-text",
+    "defaults",
+)
 SWEEP_DECAYS: tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999)
 
 
@@ -62,6 +72,8 @@ def _build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     if name == "defaults":
         return _defaults_arms(opts)
+    if name in TASKS:
+        return _task_arms(name, opts)
     decays = opts.decays or (0.99, 0.999)
     if name == "regression":
         epochs = opts.epochs or (40 if opts.quick else 100)
@@ -114,23 +126,44 @@ def _defaults_arms(opts: Options) -> list[tuple[str, RunConfig]]:
     return defaults.build_arms(defaults.QUICK if opts.quick else defaults.FULL)
 
 
-def _task_compare_arms(dataset: str, opts: Options) -> list[tuple[str, RunConfig]]:
-    """compare on a generative task: the defaults experiment's model and noisy learning rate, evaluated
-    every 250 steps (``--epochs`` intervals; default 16, 8 with ``--quick``)."""
+def _task_config(dataset: str, opts: Options, averages: tuple[AverageSpec, ...], epochs: int) -> RunConfig:
+    """A generative task at the defaults experiment's model size and noisy learning rate, evaluated every
+    250 steps (``epochs`` evaluations)."""
     from polyak.experiments import defaults
 
     scale = defaults.FULL
-    epochs = opts.epochs or (8 if opts.quick else 16)
-    base = RunConfig(
+    return RunConfig(
         dataset,
         opts.hidden or scale.hidden[dataset],
-        _averages(opts.decays or (0.999,)),
+        averages,
         epochs,
         batch_size=scale.batch[dataset],
         lr=scale.lrs[dataset][1],
-        swa_start=0.75,
         extra={"steps_per_epoch": 250, "task": dict(scale.task_args[dataset])},
     )
+
+
+def _task_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
+    """``EMA()``'s default and each ``--decay`` against raw, at the smooth and the noisy learning rate."""
+    from polyak.experiments import defaults
+
+    epochs = opts.epochs or {"swissroll": (6 if opts.quick else 16), "stdlib-text": (4 if opts.quick else 8)}[name]
+    averages = (defaults.default_spec(), *_averages(opts.decays or (0.999,)))
+    base = _task_config(name, opts, averages, epochs)
+    if opts.lr is not None:
+        return [(f"lr {opts.lr:g}", base)]
+    smooth, noisy = defaults.FULL.lrs[name]
+    if opts.quick:  # the demo: the noisy rate, where averaging matters
+        return [(f"lr {noisy:g}", base)]
+    return [(f"lr {smooth:g}", replace(base, lr=smooth)), (f"lr {noisy:g}", base)]
+
+
+def _task_compare_arms(dataset: str, opts: Options) -> list[tuple[str, RunConfig]]:
+    """compare on a generative task: EMA at each ``--decay`` (default 0.999) and SWA over the last 25%,
+    constant vs cosine learning rate, ``--epochs`` x 250 steps (default 16, 8 with ``--quick``)."""
+    epochs = opts.epochs or (8 if opts.quick else 16)
+    base = _task_config(dataset, opts, _averages(opts.decays or (0.999,)), epochs)
+    base = replace(base, swa_start=0.75)
     return [("constant LR", base), ("cosine LR", replace(base, lr_schedule="cosine"))]
 
 
