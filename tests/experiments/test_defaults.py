@@ -26,10 +26,14 @@ def test_sigma_rel_to_gamma_gives_edm2s_pairs_and_inverts_the_width(sigma_rel, g
     assert _sigma_rel(got) == pytest.approx(sigma_rel, rel=1e-12)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1, 0.3, float("nan")])
+@pytest.mark.parametrize("bad", [0.0, -0.1, 0.3])
 def test_sigma_rel_out_of_range_is_refused(bad):
     with pytest.raises(ValueError, match="sigma_rel must be in"):
         defaults.sigma_rel_to_gamma(bad)
+    with pytest.raises(ValueError, match="sigma_rel must be finite"):
+        defaults.sigma_rel_to_gamma(float("nan"))
+    with pytest.raises(TypeError, match="sigma_rel must be a real number"):
+        defaults.sigma_rel_to_gamma(True)
 
 
 def test_candidates_are_the_schedules_they_name():

@@ -54,7 +54,10 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """
     import numpy as np
 
-    if not (isinstance(sigma_rel, float | int) and 0 < sigma_rel < 12**-0.5):
+    from polyak._validate import as_float
+
+    sigma_rel = as_float(sigma_rel, "sigma_rel")
+    if not 0 < sigma_rel < 12**-0.5:
         raise ValueError(f"sigma_rel must be in (0, {12**-0.5:.4f}) (gamma > -1), got {sigma_rel!r}")
     s = float(sigma_rel) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
