@@ -310,7 +310,7 @@ def write_experiment(
         "differences are paired. CI: 95% Student-t interval of the mean paired difference. Tests: paired "
         "t-test and Wilcoxon signed-rank (two-sided). W/T/L: seeds where the average is better / tied / "
         "worse; a tie is an identical accuracy (classification) or a difference within 1% of the mean raw "
-        "MSE (regression).",
+        "MSE (regression) or raw metric (energy distance, bits per character).",
         "",
     ]
     if claim_rows:
@@ -358,7 +358,7 @@ def write_experiment(
             ]
         lines += [
             f"### Early stopping (patience {config['patience']} epochs on the validation "
-            f"{'accuracy' if hib else 'MSE'}, best epoch kept), {a['primary']} vs raw",
+            f"{_val_name(config)}, best epoch kept), {a['primary']} vs raw",
             "",
             *_table(a["early_stopping"], "who drives early stopping"),
             "",
@@ -374,7 +374,7 @@ def write_experiment(
         stab_rows: dict[str, PairedComparison] = {}
         for m, s in a["stability"].items():
             stab_rows[f"{m}: std of val loss"] = s["val_loss_std"]
-            stab_rows[f"{m}: max−min of val {'accuracy' if hib else 'MSE'}"] = s["val_metric_range"]
+            stab_rows[f"{m}: max−min of val {_val_name(config)}"] = s["val_metric_range"]
         lines += [*_table(stab_rows, "model: measure"), ""]
         models = list(seeds[0]["curves"])
         curves_png = plots.plot_curves(
@@ -488,6 +488,14 @@ def _sweep_section(arm: dict[str, Any], a: dict[str, Any], out_dir: Path, plots:
         "",
     ]
     return lines
+
+
+def _val_name(config: dict[str, Any]) -> str:
+    """The validation metric's short name: accuracy, MSE, or the generative task's metric."""
+    metric, hib = _metric(config)
+    if hib:
+        return "accuracy"
+    return "MSE" if config["dataset"] == "regression" else metric.removeprefix("test ")
 
 
 def _model_words(config: dict[str, Any]) -> str:
