@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from polyak import _capturable, _kernels
 from polyak._select import BufferPolicy, Pattern, Selected, normalize_key, select
 from polyak._storage import Group, build_groups, copy_to_host, flatten_sources, plan_group, sources_moved
-from polyak.schedules import TensorSchedule, as_schedule
+from polyak.schedules import DEFAULT_DECAY, TensorSchedule, as_schedule
 
 __all__ = ["EMA", "NonFinitePolicy"]
 
@@ -93,7 +93,8 @@ class EMA:
     Args:
         model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied.
         decay: a float in [0, 1) (constant decay), a schedule ``t -> beta_t`` from ``polyak.schedules``,
-            or a sequence of those to keep several averages at once (``index=`` selects one).
+            or a sequence of those to keep several averages at once (``index=`` selects one). Default:
+            ``schedules.DEFAULT_DECAY``, the power-function EMA ``(1 - 1/t) ** 17.97`` (EDM2, sigma_rel 0.05).
         start_step: for the first ``start_step`` calls of ``update()`` the shadow copies the weights.
         update_every: average on every k-th call only, with the decays of the k steps multiplied
             (``beta**k`` for a constant beta), so the result does not depend on k when the weights are
@@ -169,7 +170,7 @@ class EMA:
     def __init__(
         self,
         model: nn.Module,
-        decay: DecayLike | Sequence[DecayLike] = 0.9999,
+        decay: DecayLike | Sequence[DecayLike] = DEFAULT_DECAY,
         *,
         start_step: int = 0,
         update_every: int = 1,

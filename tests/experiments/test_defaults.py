@@ -200,3 +200,27 @@ def test_task_experiments_compare_the_default_with_raw(name, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert report.count(f"| {name} lr ") == 2  # one claim row per learning rate
     assert "EMA() default vs raw" in report
+
+
+@pytest.mark.parametrize(
+    ("module", "cls"),
+    [("polyak.integrations.lightning", "EMACallback"), ("polyak.integrations.transformers", "EMACallback")],
+)
+def test_callbacks_default_to_the_same_decay_as_ema(module, cls):
+    import importlib
+    import inspect
+
+    from polyak import EMA
+
+    pytest.importorskip(module.rsplit(".", 1)[1] if module.endswith("transformers") else "lightning")
+    callback = getattr(importlib.import_module(module), cls)
+    ema_default = inspect.signature(EMA).parameters["decay"].default
+    assert inspect.signature(callback).parameters["decay"].default == ema_default
+
+
+def test_the_default_is_the_power_function_at_sigma_rel_0_05():
+    from polyak.schedules import DEFAULT_DECAY
+
+    assert isinstance(DEFAULT_DECAY, schedules.power_function)
+    assert DEFAULT_DECAY.gamma == round(defaults.sigma_rel_to_gamma(0.05), 4)
+    assert defaults.default_spec().schedule() == DEFAULT_DECAY

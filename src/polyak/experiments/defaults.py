@@ -84,8 +84,10 @@ CANDIDATES: tuple[str, ...] = tuple(a.name for a in candidates())
 
 
 def default_spec() -> AverageSpec:
-    """The average ``EMA(model)`` keeps when no decay is given (its signature's default)."""
-    return AverageSpec("EMA() default", "constant", 0.9999)
+    """The average ``EMA(model)`` keeps when no decay is given (``schedules.DEFAULT_DECAY``)."""
+    from polyak.schedules import DEFAULT_DECAY
+
+    return AverageSpec("EMA() default", "power_function", gamma=DEFAULT_DECAY.gamma)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from polyak.bn import update_bn as _update_bn
 from polyak.ema import EMA, DecayLike
+from polyak.schedules import DEFAULT_DECAY
 
 __all__ = ["EMACallback"]
 
@@ -76,7 +77,7 @@ class EMACallback(Callback):
 
     def __init__(
         self,
-        decay: DecayLike | Sequence[DecayLike] = 0.9999,
+        decay: DecayLike | Sequence[DecayLike] = DEFAULT_DECAY,
         *,
         index: int = 0,
         validate_both: bool = False,

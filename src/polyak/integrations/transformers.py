@@ -35,6 +35,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from polyak.ema import EMA
+from polyak.schedules import DEFAULT_DECAY
 
 __all__ = ["CHECKPOINT_FILE", "EMACallback", "load_ema_state", "save_ema_state"]
 
@@ -85,7 +86,7 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
 
     def __init__(
         self,
-        decay: Any = 0.999,
+        decay: Any = DEFAULT_DECAY,
         *,
         enabled: bool = True,
         evaluate_averaged: bool = True,
