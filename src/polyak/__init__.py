@@ -10,8 +10,9 @@ from polyak import schedules
 from polyak.bn import update_bn
 from polyak.ema import EMA, NonFinitePolicy
 from polyak.io import load, save
+from polyak.posthoc import PostHocEMA
 
-__all__ = ["EMA", "NonFinitePolicy", "load", "save", "schedules", "series", "update_bn"]
+__all__ = ["EMA", "NonFinitePolicy", "PostHocEMA", "load", "save", "schedules", "series", "update_bn"]
 __version__ = "0.1.0"
 
 

@@ -15,7 +15,12 @@ from collections.abc import Sequence
 
 # Modules that contribute subcommands. Each defines add_commands(subparsers) -> None; each parser sets
 # `func` (args -> exit code) with set_defaults.
-_COMMAND_MODULES: tuple[str, ...] = ("polyak.experiments.cli", "polyak.series.cli", "polyak.io.cli")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "polyak.experiments.cli",
+    "polyak.series.cli",
+    "polyak.io.cli",
+    "polyak.posthoc.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from polyak import _capturable, _kernels
-from polyak._select import BufferPolicy, Pattern, Selected, normalize_key, select
+from polyak import _capturable, _kernels, _state
+from polyak._select import BufferPolicy, Pattern, Selected, select
 from polyak._storage import Group, build_groups, copy_to_host, flatten_sources, plan_group, sources_moved
 from polyak.schedules import DEFAULT_DECAY, TensorSchedule, as_schedule
 
@@ -27,8 +27,8 @@ log = logging.getLogger("polyak")
 
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip", "ignore")
-STATE_FORMAT = "polyak.ema"
-STATE_VERSION = 1
+STATE_FORMAT = _state.STATE_FORMAT
+STATE_VERSION = _state.STATE_VERSION
 
 DecayLike = float | Callable[[int], float]
 
@@ -614,52 +614,36 @@ class EMA:
 
     # --- training-loop hook ----------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Call ``update()`` after every ``optimizer.step()`` (a step post-hook). Returns the hook handle;
-        ``handle.remove()`` or ``ema.detach()`` stops it.
+        """Call ``update()`` after every ``optimizer.step()`` (a step post-hook). Returns a
+        ``polyak.hooks.StepHook``; ``handle.remove()`` or ``ema.detach()`` stops it.
 
-        Pitfalls: do not also call ``ema.update()`` yourself (each step would be averaged twice); attach
-        one EMA to one optimizer (two optimizers stepping one model would update it twice per step; attach
-        to the last one that steps). A ``GradScaler`` that skips ``optimizer.step()`` on inf gradients skips
-        the update too, which is what you want.
+        One hook per EMA: a second ``attach`` or ``polyak.integrations.loop.update_on_step`` (same optimizer
+        or another) raises RuntimeError until the first is removed, since each step would be averaged twice.
+        Do not also call ``ema.update()`` yourself. A ``GradScaler`` that skips ``optimizer.step()`` on inf
+        gradients skips the update too, which is what you want.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if self._hooks:
-            raise RuntimeError(
-                "this EMA is already attached to an optimizer; call ema.detach() first (two hooks would "
-                "update the average twice per step)"
-            )
+        from polyak import hooks
 
-        def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-            self.update()
-
-        handle = optimizer.register_step_post_hook(hook)
-        self._hooks.append(handle)
-        return handle
+        return hooks.register(self, optimizer, self.update)
 
     def detach(self) -> None:
-        """Remove the optimizer hook installed by ``attach`` (no-op when not attached)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        """Remove the optimizer hook installed by ``attach`` or ``update_on_step`` (no-op when not attached)."""
+        from polyak import hooks
+
+        hooks.unregister(self)
 
     # --- reading the average ---------------------------------------------------------------------------
+    def check_index(self, index: int) -> int:
+        """``index`` of one of the averages as ``0..num_averages-1`` (negative counts from the end); a
+        TypeError or ValueError saying what is wrong otherwise. For code that takes an ``index=``."""
+        return _state.check_index(index, self.num_averages)
+
     def _check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not (-self.num_averages <= index < self.num_averages):
-            raise ValueError(f"index {index} out of range: this EMA keeps {self.num_averages} average(s)")
-        return index % self.num_averages
+        return self.check_index(index)
 
     def _averaged_views(self, group: Group, index: int) -> list[Tensor]:
         """The averaged values of a group in the shadow dtype (bias-corrected when ``debias``)."""
-        views = group.views[index]
-        if not self.debias:
-            return views
-        correction = 1.0 - self._products[index]
-        if correction <= 0.0:  # no update yet: the zero shadow carries no information
-            return [s.detach().to(dtype=v.dtype, device=v.device) for v, s in zip(views, group.sources)]
-        return list(torch._foreach_div(views, correction))
+        return _state.debiased(group.views[index], self._products[index], debias=self.debias, live=group.sources)
 
     def _averaged_by_key(self, index: int) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -706,24 +690,12 @@ class EMA:
         index = self._check_index(index)
         self._poll(block=True)
         self._check_model_unchanged()
-        averaged = self._averaged_by_key(index)
-        for sel in self._selected:  # a tied tensor (e.g. embedding = output head) has one average, several keys
-            if sel.key in averaged:
-                for key in sel.model_keys:
-                    averaged.setdefault(normalize_key(key), averaged[sel.key])
+        # a tied tensor (e.g. embedding = output head) has one average under several keys
+        aliases = {key: s.key for s in self._selected for key in s.model_keys}
         skipped = {k for s in self._selected if s.mode == "skip" for k in s.model_keys}
-        out: dict[str, Any] = {}
-        for key, value in self.model.state_dict().items():
-            if key in skipped:
-                continue
-            norm = normalize_key(key)
-            if norm in averaged and isinstance(value, Tensor):
-                out[key] = averaged[norm].detach().to(dtype=value.dtype, device=value.device, copy=True)
-            elif isinstance(value, Tensor):
-                out[key] = value.detach().clone()
-            else:
-                out[key] = value
-        return out
+        return _state.model_state_with(
+            self._averaged_by_key(index), self.model.state_dict(), aliases=aliases, skip=skipped
+        )
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module, index: int = 0) -> None:
@@ -772,102 +744,31 @@ class EMA:
             {key: view.detach().clone() for group in self._groups for key, view in zip(group.keys, group.views[k])}
             for k in range(self.num_averages)
         ]
-        return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "step": self.step,
-            "skipped_updates": self.skipped_updates,
-            "products": list(self._products),
-            "last_decays": list(self.last_decays),
-            "config": {
-                "decay": [repr(s) for s in self.schedules],
-                "start_step": self.start_step,
-                "update_every": self.update_every,
-                "buffers": self.buffers,
-                "debias": self.debias,
-                "dtype": None if self.dtype is None else str(self.dtype),
-                "nonfinite": self.nonfinite,
-            },
-            "averages": averages,
-        }
+        return _state.build(
+            step=self.step,
+            skipped_updates=self.skipped_updates,
+            products=self._products,
+            last_decays=self.last_decays,
+            config=_state.config_of(self),
+            averages=averages,
+        )
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` output. Everything is validated before anything changes: a foreign or
-        corrupt state, missing/unexpected keys, shape or dtype mismatches and NaN/inf raise ValueError."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"load_state_dict expects a mapping, got {type(state_dict).__name__}")
-        fmt = state_dict.get("format")
-        if fmt != STATE_FORMAT:
-            raise ValueError(
-                f"not a polyak EMA state dict (format={fmt!r}, expected {STATE_FORMAT!r}); "
-                "for another library's checkpoint use polyak.load(..., format=...)"
-            )
-        version = state_dict.get("version")
-        if not isinstance(version, int) or version > STATE_VERSION:
-            raise ValueError(f"unsupported polyak EMA state version {version!r} (this polyak reads <= {STATE_VERSION})")
-        averages = state_dict.get("averages")
-        if not isinstance(averages, (list, tuple)) or not all(isinstance(a, Mapping) for a in averages):
-            raise ValueError("corrupt EMA state: 'averages' must be a list of {key: tensor} mappings")
-        if len(averages) != self.num_averages:
-            raise ValueError(
-                f"the state holds {len(averages)} average(s) but this EMA keeps {self.num_averages}; "
-                "build the EMA with the same number of decays"
-            )
-        config = state_dict.get("config", {})
-        if isinstance(config, Mapping) and "debias" in config and bool(config["debias"]) != self.debias:
-            raise ValueError(
-                f"the state was saved with debias={config['debias']} but this EMA has debias={self.debias}; "
-                "the shadows mean different things, build the EMA with the same debias"
-            )
-        if isinstance(config, Mapping):
-            self._warn_on_config_change(config)
-        step = state_dict.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"corrupt EMA state: 'step' must be a non-negative int, got {step!r}")
-        products = state_dict.get("products", [1.0] * self.num_averages)
-        if not isinstance(products, (list, tuple)) or len(products) != self.num_averages:
-            raise ValueError(f"corrupt EMA state: 'products' must hold {self.num_averages} floats")
-        last = state_dict.get("last_decays", [0.0] * self.num_averages)
-        if not isinstance(last, (list, tuple)) or len(last) != self.num_averages:
-            raise ValueError(f"corrupt EMA state: 'last_decays' must hold {self.num_averages} floats")
-
+        corrupt state, impossible counters (a negative or non-integer count, a decay product outside
+        [0, 1]), missing/unexpected keys, shape or dtype mismatches and NaN/inf raise ValueError."""
+        state = _state.parse(state_dict)
         views = {
             key: [g.views[k][i] for k in range(self.num_averages)] for g in self._groups for i, key in enumerate(g.keys)
         }
-        plan: list[tuple[Tensor, Tensor]] = []
-        for k, average in enumerate(averages):
-            loaded = {normalize_key(str(key)): value for key, value in average.items()}
-            missing = sorted(set(views) - set(loaded))
-            unexpected = sorted(set(loaded) - set(views))
-            if missing or unexpected:
-                raise ValueError(
-                    f"EMA state does not match this model (average {k}): missing keys {missing[:20]}"
-                    f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
-                    f"{' ...' if len(unexpected) > 20 else ''}; build the EMA on the same architecture with the "
-                    "same include/exclude/buffers settings"
-                )
-            for key, value in loaded.items():
-                dst = views[key][k]
-                if not isinstance(value, Tensor):
-                    raise ValueError(f"corrupt EMA state: {key!r} is a {type(value).__name__}, not a tensor")
-                if value.shape != dst.shape:
-                    raise ValueError(
-                        f"shape mismatch for {key!r}: state has {tuple(value.shape)}, model has {tuple(dst.shape)}"
-                    )
-                if value.dtype != dst.dtype:
-                    raise ValueError(
-                        f"dtype mismatch for {key!r}: state has {value.dtype}, this EMA keeps {dst.dtype}; "
-                        f"build the EMA with dtype={value.dtype}"
-                    )
-                if not _kernels.finite_on_host([value]):
-                    raise ValueError(f"EMA state holds NaN/inf in {key!r}; refusing to load a corrupt average")
-                plan.append((dst, value))
+        plan = _state.plan_load(state, views, num_averages=self.num_averages, debias=self.debias)
+        self._warn_on_config_change(state.config)
         _kernels.copy_([d for d, _ in plan], [v for _, v in plan])
-        self._step = step
-        self.skipped_updates = int(state_dict.get("skipped_updates", 0))
-        self._products = [float(p) for p in products]
-        self._last_decays = tuple(float(d) for d in last)
+        self._step = state.step
+        self.skipped_updates = state.skipped_updates
+        self._products = list(state.products)
+        self._last_decays = state.last_decays
         if self._device is not None:
             self._device.load(self._step, self._products, self._last_decays)
 
@@ -875,16 +776,7 @@ class EMA:
         """Log (once per load) the settings that differ from the saved ones: the EMA keeps its own, as an
         optimizer built with a new learning rate would, but a silent change of decay on resume is a
         common mistake."""
-        now = {
-            "decay": [repr(s) for s in self.schedules],
-            "start_step": self.start_step,
-            "update_every": self.update_every,
-        }
-        changed = [
-            f"{name} {saved[name]!r} -> {value!r}"
-            for name, value in now.items()
-            if name in saved and saved[name] != value
-        ]
+        changed = _state.config_changes(saved, _state.config_of(self))
         if changed:
             log.warning(
                 "polyak: loading an EMA state saved with other settings (%s); this EMA continues with its own",

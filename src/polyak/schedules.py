@@ -7,9 +7,9 @@ can be written into a checkpoint's config and tested without any model.
 
 | schedule | beta_t | matches |
 |---|---|---|
-| ``constant(d)`` | d | timm ModelEmaV2/V3 (no warm-up), torch_ema / diffusers without warm-up |
+| ``constant(d)`` | d | timm ModelEmaV2/V3 (no warm-up), torch_ema ``use_num_updates=False`` |
 | ``ultralytics(d, tau)`` | d * (1 - exp(-t / tau)) | Ultralytics/YOLOv5-v8 ``ModelEMA`` |
-| ``num_updates(d)`` | min(d, (1 + t) / (10 + t)) | TF/Paddle ``ExponentialMovingAverage``, torch_ema |
+| ``num_updates(d)`` | min(d, (1 + t) / (10 + t)) | TF/Paddle ``ExponentialMovingAverage``, torch_ema (default), diffusers without warm-up |
 | ``inverse_gamma(d, inv_gamma, power, min_decay)`` | clamp(1 - (1 + t/inv_gamma)^-power) | timm V3 warm-up, ema-pytorch, diffusers |
 | ``half_life(h)`` | 0.5 ** (1 / h) | the weight of a sample halves every h updates |
 | ``power_function(gamma)`` | (1 - 1/t) ** (gamma + 1) | Karras et al. 2024 (EDM2) |

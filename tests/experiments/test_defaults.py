@@ -202,20 +202,23 @@ def test_task_experiments_compare_the_default_with_raw(name, tmp_path):
     assert "EMA() default vs raw" in report
 
 
-@pytest.mark.parametrize(
-    ("module", "cls"),
-    [("polyak.integrations.lightning", "EMACallback"), ("polyak.integrations.transformers", "EMACallback")],
-)
-def test_callbacks_default_to_the_same_decay_as_ema(module, cls):
-    import importlib
+def test_callbacks_without_a_decay_average_like_ema():
     import inspect
 
-    from polyak import EMA
+    from torch import nn
 
-    pytest.importorskip(module.rsplit(".", 1)[1] if module.endswith("transformers") else "lightning")
-    callback = getattr(importlib.import_module(module), cls)
-    ema_default = inspect.signature(EMA).parameters["decay"].default
-    assert inspect.signature(callback).parameters["decay"].default == ema_default
+    from polyak import EMA
+    from polyak.integrations._callback import build_ema
+    from polyak.schedules import DEFAULT_DECAY
+
+    for module in ("lightning", "transformers"):
+        pytest.importorskip(module)
+    from polyak.integrations import lightning, transformers
+
+    for callback in (lightning.EMACallback, transformers.EMACallback):
+        assert inspect.signature(callback).parameters["decay"].default is None
+    assert build_ema(nn.Linear(2, 2), None, 0).schedules == (DEFAULT_DECAY,)
+    assert EMA(nn.Linear(2, 2)).schedules == (DEFAULT_DECAY,)
 
 
 def test_the_default_is_the_power_function_at_sigma_rel_0_05():

@@ -60,7 +60,7 @@ def test_double_registration_is_refused_until_removed() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(model, decay=0.9)
     handle = update_on_step(ema, opt)
-    with pytest.raises(ValueError, match="already updated by this optimizer"):
+    with pytest.raises(RuntimeError, match="already attached"):
         update_on_step(ema, opt)
     step(model, opt, data(1)[0])
     assert ema.step == 1  # one update per step, not two
@@ -122,3 +122,67 @@ def test_errors_and_no_leak() -> None:
     del opt
     gc.collect()
     assert ref() is None  # the registry does not keep an optimizer alive
+
+
+@pytest.mark.parametrize("first", ["attach", "update_on_step"])
+@pytest.mark.parametrize("second", ["attach", "update_on_step"])
+def test_attach_and_update_on_step_share_one_registry(first: str, second: str) -> None:
+    """One optimizer.step() is one update, whichever names installed the hook (both used to count twice)."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(model, decay=0.9)
+    install = {"attach": ema.attach, "update_on_step": lambda o: update_on_step(ema, o)}
+    handle = install[first](opt)
+    with pytest.raises(RuntimeError, match="already attached"):
+        install[second](opt)
+    step(model, opt, data(1)[0])
+    assert ema.step == 1
+    handle.remove()
+    again = install[second](opt)  # allowed once the first is removed
+    step(model, opt, data(1)[0])
+    assert ema.step == 2
+    ema.detach()  # detach removes the hook whichever name installed it
+    assert not again.active
+    step(model, opt, data(1)[0])
+    assert ema.step == 2
+
+
+def test_one_hook_per_ema_across_optimizers() -> None:
+    """Two optimizers stepping one model would update the average twice per iteration: refused."""
+    model = net()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    ema = EMA(model, decay=0.9)
+    ema.attach(first)
+    with pytest.raises(RuntimeError, match="steps last"):
+        update_on_step(ema, second)
+    step(model, first, data(1)[0])
+    second.step()
+    assert ema.step == 1
+
+
+def test_handle_from_attach_frees_the_slot_when_removed() -> None:
+    """handle.remove() on the handle ema.attach returned lets the EMA attach again (it used to stay
+    'already attached' until ema.detach())."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(model, decay=0.9)
+    handle = ema.attach(opt)
+    handle.remove()
+    with ema.attach(opt) as again:
+        step(model, opt, data(1)[0])
+        assert again.active
+        assert ema.step == 1
+    step(model, opt, data(1)[0])
+    assert ema.step == 1
+
+
+def test_hook_frees_the_ema_with_the_optimizer() -> None:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(model, decay=0.9)
+    ema.attach(opt)
+    ref = weakref.ref(ema)
+    del ema, opt
+    gc.collect()
+    assert ref() is None  # the registry does not keep an EMA alive

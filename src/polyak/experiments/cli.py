@@ -39,9 +39,10 @@ def add_commands(sub: Any) -> None:
         "their traps on short runs), compare (EMA vs SWA vs raw, constant vs cosine LR; --dataset also "
         "swissroll or stdlib-text), swissroll (a DDPM denoiser, energy distance) and stdlib-text (a "
         "character-level transformer, bits per character): EMA()'s default vs raw, defaults (candidate "
-        "default decays over both tasks x short/long runs x smooth/noisy learning rates).",
+        "default decays over both tasks x short/long runs x smooth/noisy learning rates), posthoc (post-hoc "
+        "EMA of a grid of widths vs the exact EMA of each width).",
     )
-    exp.add_argument("name", metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}")
+    exp.add_argument("name", metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}, posthoc")
     exp.add_argument("--seeds", type=int, default=10, help="number of seeds (default: 10)")
     exp.add_argument("--epochs", type=int, default=None, help="epochs per run (default: per experiment)")
     exp.add_argument(
@@ -121,6 +122,10 @@ def run_experiment(args: argparse.Namespace) -> int:
     from polyak.experiments.report import write_experiment
     from polyak.experiments.suite import build_arms, run_arms
 
+    if args.name == "posthoc":  # its own trainer and report: polyak.experiments.posthoc
+        from polyak.experiments.posthoc import run_posthoc
+
+        return run_posthoc(args)
     if args.name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")
     opts = _options(args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from polyak.bn import update_bn as _update_bn
 from polyak.ema import EMA, DecayLike
-from polyak.schedules import DEFAULT_DECAY
+from polyak.integrations._callback import AveragedSwap, build_ema, check_index, check_start, is_warm
 
 __all__ = ["EMACallback"]
 
@@ -65,7 +65,8 @@ class EMACallback(Callback):
     the end optional (theirs always does), and has an ``enabled`` switch for ablations.
 
     Args:
-        decay: as ``polyak.EMA``: a float, a schedule, or a list of them.
+        decay: as ``polyak.EMA``: a float, a schedule, or a list of them; ``None`` (default) is
+            ``polyak.EMA``'s default decay.
         index: which average validation/test/predict use when several decays are kept.
         validate_both: validate raw and averaged weights, logging ``name`` and ``name_ema``.
         eval_start_step, eval_start_epoch: evaluate the average only from this global step / epoch on.
@@ -77,7 +78,7 @@ class EMACallback(Callback):
 
     def __init__(
         self,
-        decay: DecayLike | Sequence[DecayLike] = DEFAULT_DECAY,
+        decay: DecayLike | Sequence[DecayLike] | None = None,
         *,
         index: int = 0,
         validate_both: bool = False,
@@ -88,9 +89,9 @@ class EMACallback(Callback):
         enabled: bool = True,
         **ema_kwargs: Any,
     ) -> None:
-        for name, value in (("eval_start_step", eval_start_step), ("eval_start_epoch", eval_start_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        eval_start_step = check_start(eval_start_step, "eval_start_step")
+        eval_start_epoch = check_start(eval_start_epoch, "eval_start_epoch")
+        index = check_index(index)
         if not isinstance(update_bn, (bool, int)) or (not isinstance(update_bn, bool) and update_bn < 1):
             raise ValueError(f"update_bn must be a bool or a positive number of batches, got {update_bn!r}")
         self.decay = decay
@@ -105,15 +106,14 @@ class EMACallback(Callback):
         self.ema: EMA | None = None
         self._last_global_step = 0
         self._pending_state: dict[str, Any] | None = None
-        self._swap = ExitStack()  # holds `ema.apply()` open across an evaluation epoch
+        self._swap = AveragedSwap()  # holds `ema.apply()` open across an evaluation epoch
         self._both_warm = False  # this validation epoch runs the averaged pass too
 
     # --- building and updating ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled or self.ema is not None:
             return
-        self.ema = EMA(pl_module, decay=self.decay, **self.ema_kwargs)
-        self.ema._check_index(self.index)  # fail now on a bad index, not at the first validation
+        self.ema = build_ema(pl_module, self.decay, self.index, **self.ema_kwargs)
         self._last_global_step = trainer.global_step
         if self._pending_state is not None:
             self._load(self._pending_state)
@@ -135,17 +135,14 @@ class EMACallback(Callback):
     # --- evaluation on the averaged weights ------------------------------------------------------------
     def is_warm(self, trainer: pl.Trainer) -> bool:
         """True when the average is evaluated: it has seen an update and the start step/epoch are reached."""
-        return (
-            self.ema is not None
-            and self.ema.step > 0
-            and trainer.global_step >= self.eval_start_step
-            and trainer.current_epoch >= self.eval_start_epoch
+        return is_warm(
+            self.ema, trainer.global_step, self.eval_start_step, trainer.current_epoch, self.eval_start_epoch
         )
 
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ema is None or not self.is_warm(trainer):
             return
-        self._swap.enter_context(self.ema.apply(index=self.index))
+        self._swap.swap_in(self.ema, self.index)
         if self.update_bn:
             self._recompute_bn(trainer, pl_module)
 
@@ -159,7 +156,7 @@ class EMACallback(Callback):
             _update_bn(loader, pl_module, device=pl_module.device, num_batches=num)
 
     def _swap_out(self) -> None:
-        self._swap.close()
+        self._swap.swap_out()
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ema is None:

@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from polyak.ema import EMA
-from polyak.schedules import DEFAULT_DECAY
+import polyak.io
+from polyak.ema import EMA, DecayLike
+from polyak.integrations._callback import AveragedSwap, build_ema, check_index, check_start, is_warm
 
 __all__ = ["CHECKPOINT_FILE", "EMACallback", "load_ema_state", "save_ema_state"]
 
@@ -47,17 +48,13 @@ CHECKPOINT_FILE = "polyak_ema.safetensors"
 def save_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
     """Write ``ema`` to ``path`` as a polyak safetensors checkpoint (``polyak.save``: atomic, fsynced,
     with a sha256 of the tensor bytes; ``polyak inspect`` reads it)."""
-    from polyak.io._checkpoint import save
-
-    save(path, ema, format="safetensors")
+    polyak.io.save(path, ema, format="safetensors")
 
 
 def load_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
     """Restore a file written by :func:`save_ema_state` into ``ema`` (validated before anything changes;
     no pickle)."""
-    from polyak.io._checkpoint import read
-
-    checkpoint = read(path)
+    checkpoint = polyak.io.read(path)
     if checkpoint.kind != "polyak" or checkpoint.ema is None:
         raise ValueError(
             f"{os.fspath(path)!r} is not a polyak EMA checkpoint (it holds {checkpoint.kind!r} data); "
@@ -73,7 +70,8 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
     step, matched by parameter name; the model is never deep-copied.
 
     Args:
-        decay, **ema_kwargs: passed to ``polyak.EMA`` (a float, a schedule, or a list of them).
+        decay, **ema_kwargs: passed to ``polyak.EMA`` (a float, a schedule, or a list of them); ``decay=None``
+            (default) is ``polyak.EMA``'s default decay.
         enabled: ``False`` makes every hook a no-op (training identical to no callback), for ablations.
         evaluate_averaged: evaluate on the averaged weights (``index``) instead of the live ones.
         eval_start_step: before this optimizer step, evaluation runs on the live weights (a cold average).
@@ -86,7 +84,7 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
 
     def __init__(
         self,
-        decay: Any = DEFAULT_DECAY,
+        decay: DecayLike | Sequence[DecayLike] | None = None,
         *,
         enabled: bool = True,
         evaluate_averaged: bool = True,
@@ -96,8 +94,8 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         swap_at_end: bool = False,
         **ema_kwargs: Any,
     ) -> None:
-        if isinstance(eval_start_step, bool) or not isinstance(eval_start_step, int) or eval_start_step < 0:
-            raise ValueError(f"eval_start_step must be a non-negative int, got {eval_start_step!r}")
+        eval_start_step = check_start(eval_start_step, "eval_start_step")
+        index = check_index(index)
         self.decay = decay
         self.enabled = bool(enabled)
         self.evaluate_averaged = bool(evaluate_averaged)
@@ -107,30 +105,25 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         self.swap_at_end = bool(swap_at_end)
         self.ema_kwargs = ema_kwargs
         self.ema: EMA | None = None
-        self._applied: AbstractContextManager[nn.Module] | None = None
+        self._swap = AveragedSwap()
         self._handles: list[Any] = []  # the model's state_dict / load_state_dict pre-hooks (see _swap_out)
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _build(self, model: nn.Module) -> EMA:
         if self.ema is None:
-            self.ema = EMA(model, decay=self.decay, **self.ema_kwargs)
-            self.ema._check_index(self.index)
+            self.ema = build_ema(model, self.decay, self.index, **self.ema_kwargs)
         return self.ema
 
     def _swap_in(self, state: TrainerState) -> None:
-        if self.ema is None or self._applied is not None or not self.evaluate_averaged:
+        if self.ema is None or not self.evaluate_averaged:
             return
-        if state.global_step < self.eval_start_step:
-            return
-        self._applied = self.ema.apply(self.index)
-        self._applied.__enter__()
+        if is_warm(self.ema, state.global_step, self.eval_start_step):
+            self._swap.swap_in(self.ema, self.index)
 
     def _swap_out(self, *_: Any, **__: Any) -> None:
         """Put the live weights back (a no-op when they are in). Also the model's state_dict and
         load_state_dict pre-hook, so nothing saves or loads the model while the average is swapped in."""
-        if self._applied is not None:
-            applied, self._applied = self._applied, None
-            applied.__exit__(None, None, None)
+        self._swap.swap_out()
 
     def _hook(self, model: nn.Module) -> None:
         self._unhook()

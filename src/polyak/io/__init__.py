@@ -2,6 +2,7 @@
 and peer formats (``from_peer``, ``export``)."""
 
 from polyak.io._checkpoint import Checkpoint, load, read, save
-from polyak.io.peers import PEER_FORMATS, detect, export, from_peer
+from polyak.io._exchange import export, from_peer
+from polyak.io.peers import PEER_FORMATS, detect
 
 __all__ = ["PEER_FORMATS", "Checkpoint", "detect", "export", "from_peer", "load", "read", "save"]

@@ -5,8 +5,8 @@ Formats:
 
 * ``"safetensors"`` (default): tensors under dotted names (``ema.averages.0.<key>``, ``model.<key>``,
   ``optimizer.state.0.exp_avg``...), everything else as a JSON skeleton in the header metadata
-  (see ``polyak.io._tree``), plus ``payload_bytes`` and a ``sha256`` of the tensor bytes, so a truncated
-  or corrupted file is detected and named. Loading never runs code.
+  (see ``polyak.io._tree``), plus ``payload_bytes`` and a ``checksum`` (sha256 of the header and the
+  tensor bytes), so a truncated, corrupted or edited file is detected and named. Loading never runs code.
 * ``"pt"``: ``torch.save`` of the same nested dict, read back with ``torch.load(weights_only=True)``
   (no arbitrary code; a pickle that tries to build other objects is refused). Chosen for paths ending
   in ``.pt``/``.pth``/``.ckpt``/``.bin``.
@@ -17,11 +17,9 @@ and lists, split by the same skeleton (int keys and tuples survive), so a resume
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +29,16 @@ import torch
 from torch import Tensor, nn
 
 from polyak._kernels import finite_on_host
-from polyak.io import _tree, _writers
+from polyak._select import normalize_key
+from polyak.ema import EMA
+from polyak.io import _readers, _tree, _writers, peers
 from polyak.io._atomic import check_writable_destination
+from polyak.io.peers import detect
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "FileFormat", "load", "read", "save"]
 
 CHECKPOINT_FORMAT = "polyak.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the checksum covers the header too (version 1 files still load)
 FileFormat = Literal["safetensors", "pt"]
 _PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -68,7 +69,7 @@ def file_format_for(path: str | os.PathLike[str], format: str | None) -> FileFor
 # --- saving -------------------------------------------------------------------------------------------
 def save(
     path: str | os.PathLike[str],
-    ema: Any = None,
+    ema: EMA | Mapping[str, Any] | None = None,
     *,
     model: nn.Module | Mapping[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
@@ -125,21 +126,26 @@ def _header_metadata(payload: dict[str, Any]) -> dict[str, str]:
 def read(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
     """Read any supported checkpoint into a :class:`Checkpoint` without touching a model.
 
-    Verifies size and checksum of polyak safetensors files (streamed: the file is not held twice in
-    memory); ``.pt`` files load with ``weights_only=True`` unless ``trust_pickle=True`` (UNSAFE:
-    unpickling can run arbitrary code; only for files you made yourself, e.g. Ultralytics checkpoints
-    that pickle the whole model).
+    The file is opened once and everything comes from that handle (see ``polyak.io._readers``):
+    safetensors headers are checked field by field and polyak's checksum covers header and tensors;
+    ``.pt`` archives have every CRC-32 checked and load with ``weights_only=True`` unless
+    ``trust_pickle=True`` (UNSAFE: unpickling can run arbitrary code; only for files you made yourself,
+    e.g. Ultralytics checkpoints that pickle the whole model). Any damaged or crafted file raises a
+    ValueError naming it.
     """
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{str(target)!r} is a directory, not a checkpoint file")
     if not target.exists():
         raise FileNotFoundError(f"no such checkpoint: {str(target)!r}")
+    name = str(target)
     with open(target, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
         head = handle.read(9)
-    if _looks_like_torch(head):
-        return _from_object(_torch_load(target, trust_pickle), target)
-    return _read_safetensors(target)
+        handle.seek(0)
+        if _looks_like_torch(head):
+            return _from_object(_readers.read_torch(handle, name, size, trust_pickle=trust_pickle), name)
+        return _from_safetensors(_readers.read_safetensors(handle, name, size), name)
 
 
 def _looks_like_torch(head: bytes) -> bool:
@@ -151,62 +157,24 @@ def _looks_like_torch(head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
-def _read_safetensors(target: Path) -> Checkpoint:
-    """Check the header against the file size (truncation is named), stream the sha256 of the tensor
-    bytes, then load the tensors."""
-    from safetensors.torch import load_file
-
-    name = str(target)
-    size = target.stat().st_size
-    with open(target, "rb") as handle:
-        first = handle.read(8)
-        if len(first) < 8:
-            raise ValueError(f"{name!r} is truncated or not a checkpoint: only {size} bytes")
-        header_len = int.from_bytes(first, "little")
-        if header_len > 100_000_000:
-            raise ValueError(f"{name!r} is not a safetensors or torch checkpoint (unrecognised first bytes)")
-        if 8 + header_len > size:
-            raise ValueError(
-                f"{name!r} is truncated: the safetensors header needs {header_len} bytes but the file ends after "
-                f"{size - 8}; the write was interrupted, restore it from a previous copy"
-            )
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{name!r} is not a safetensors or torch checkpoint (header is not JSON: {exc})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{name!r} is not a safetensors checkpoint (header is not a JSON object)")
-        meta = header.get("__metadata__") or {}
-        data_len = size - 8 - header_len
-        try:
-            needed = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            declared = int(meta["payload_bytes"]) if "payload_bytes" in meta else needed
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise ValueError(f"{name!r} is not a valid safetensors file (malformed header)") from None
-        if data_len < max(needed, declared):
-            raise ValueError(
-                f"{name!r} is truncated: {data_len} bytes of tensor data, the header declares "
-                f"{max(needed, declared)}; the write was interrupted, restore it from a previous copy"
-            )
-        if "sha256" in meta:
-            digest = hashlib.sha256()
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-            if digest.hexdigest() != meta["sha256"]:
-                raise ValueError(
-                    f"{name!r} is corrupt: the sha256 of its tensor data does not match the one saved with it"
-                )
-    try:
-        tensors = load_file(target, device="cpu")
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ValueError(f"{name!r} is not a valid safetensors file: {exc}") from None
+def _from_safetensors(file: _readers.SafetensorsFile, name: str) -> Checkpoint:
+    meta = file.metadata
     if meta.get("format") != CHECKPOINT_FORMAT:  # a plain safetensors file, e.g. extracted weights
-        return Checkpoint(kind="state_dict", model=dict(tensors), raw=dict(tensors), metadata=dict(meta))
-    _check_version(meta.get("version"), name)
+        return Checkpoint(kind="state_dict", model=dict(file.tensors), raw=dict(file.tensors), metadata=dict(meta))
+    version = _check_version(meta.get("version"), name)
+    if version >= 2 and "checksum" not in meta:
+        raise ValueError(f"{name!r} is corrupt: a version {version} polyak checkpoint must carry a checksum")
+    if "tree" not in meta:
+        raise ValueError(f"{name!r} is corrupt: its metadata has no 'tree'")
+    skeleton = _readers.load_json(meta["tree"], name, "metadata tree")
     try:
-        tree = _tree.unflatten(json.loads(meta["tree"]), dict(tensors))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{name!r} is corrupt: its metadata has no readable 'tree' ({exc})") from None
+        tree = _tree.unflatten(skeleton, dict(file.tensors))
+    except RecursionError:
+        raise ValueError(f"{name!r} is corrupt: its metadata tree nests too deeply to be a checkpoint") from None
+    except ValueError as exc:
+        raise ValueError(f"{name!r}: {exc}") from None
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"{name!r} is corrupt: its metadata tree is not a mapping of sections")
     return _polyak_checkpoint(tree, metadata=dict(meta))
 
 
@@ -223,48 +191,33 @@ def _polyak_checkpoint(tree: Mapping[str, Any], metadata: dict[str, str] | None 
     )
 
 
-def _check_version(version: object, name: str) -> None:
-    try:
-        number = int(str(version))
-    except ValueError:
-        raise ValueError(f"{name!r}: unreadable checkpoint version {version!r}") from None
+def _check_version(version: object, name: str) -> int:
+    if isinstance(version, bool) or not isinstance(version, (int, str)) or not str(version).isdecimal():
+        raise ValueError(f"{name!r}: unreadable checkpoint version {version!r}")
+    number = int(version)
     if number > CHECKPOINT_VERSION:
         raise ValueError(
             f"{name!r} was written by a newer polyak (checkpoint version {number}, this one reads "
             f"<= {CHECKPOINT_VERSION}); upgrade polyak"
         )
+    return number
 
 
-def _torch_load(target: Path, trust_pickle: bool) -> Any:
-    name = str(target)
-    try:
-        return torch.load(target, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"refusing to unpickle {name!r}: it holds objects other than tensors and plain containers, and "
-            f"unpickling them could run arbitrary code ({first}). If you made this file yourself and trust it, "
-            "pass trust_pickle=True (UNSAFE for files from others)"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise ValueError(f"{name!r} is truncated or corrupt: torch could not read it ({detail})") from None
-
-
-def _from_object(obj: Any, target: Path) -> Checkpoint:
+def _from_object(obj: Any, name: str) -> Checkpoint:
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
-        _check_version(obj.get("version"), str(target))
+        _check_version(obj.get("version"), name)
         return _polyak_checkpoint(obj)
-    from polyak.io.peers import detect
-
-    kind = detect(obj)
+    try:
+        kind = detect(obj)
+    except ValueError as exc:
+        raise ValueError(f"{name!r}: {exc}") from None
     return Checkpoint(kind=kind, raw=obj)
 
 
 # --- loading into live objects ------------------------------------------------------------------------
 def load(
     path: str | os.PathLike[str],
-    ema: Any = None,
+    ema: EMA | None = None,
     *,
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -272,10 +225,13 @@ def load(
 ) -> Checkpoint:
     """Read ``path`` and restore what it holds into ``ema``, ``model`` and ``optimizer`` (each optional).
 
-    Everything is validated before anything changes: a missing section, missing/unexpected keys,
-    shape/dtype mismatches and NaN/inf raise ValueError and leave all three untouched. Peer checkpoints
-    (timm, ema-pytorch, torch_ema, diffusers, AveragedModel, Ultralytics) load into ``ema`` too: their
-    averaged weights become every average of ``ema``. Returns the :class:`Checkpoint` (``.extra`` etc.).
+    All or nothing: every section is checked before any is written (keys, shapes, dtypes, layouts,
+    NaN/inf, counters; the optimizer state is first loaded into a shallow copy of ``optimizer``, so
+    whatever its ``load_state_dict`` would refuse, e.g. an SGD state for AdamW, is refused here), then
+    the EMA, the optimizer and the model are written in that order; a failure raises ValueError and
+    leaves all three as they were. Peer checkpoints (timm, ema-pytorch, torch_ema, diffusers,
+    AveragedModel, Ultralytics) load into ``ema`` too: their averaged weights become every average of
+    ``ema``. Returns the :class:`Checkpoint` (``.extra`` etc.).
     """
     ckpt = read(path, trust_pickle=trust_pickle)
     name = str(path)
@@ -286,17 +242,13 @@ def load(
                 raise ValueError(f"{name!r} holds no EMA state (it was saved without one); load it with ema=None")
             ema_state = ckpt.ema
         else:
-            from polyak.io.peers import to_polyak_state
-
-            ema_state = to_polyak_state(ckpt.raw, ema, kind=ckpt.kind)
+            ema_state = peer_state_for(ema, ckpt.raw, ckpt.kind)
             ckpt.ema = dict(ema_state)
     model_state = None
     if model is not None:
         model_state = ckpt.model
         if model_state is None and ckpt.kind != "polyak":
-            from polyak.io.peers import raw_model_state
-
-            model_state = raw_model_state(ckpt.raw, ckpt.kind)
+            model_state = peers.raw_model_state(ckpt.raw, ckpt.kind)
         if model_state is None:
             raise ValueError(f"{name!r} holds no raw model weights (saved without model=); load it with model=None")
         check_model_state(model, model_state, what=name)
@@ -306,27 +258,33 @@ def load(
                 f"{name!r} holds no optimizer state (saved without optimizer=); load it with optimizer=None"
             )
         check_optimizer_state(optimizer, ckpt.optimizer, what=name)
-    if ema_state is not None:
-        ema.load_state_dict(ema_state)  # validates everything before changing anything
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict(ema_state)  # checks everything before it writes: the first write
+    if optimizer is not None and ckpt.optimizer is not None:
+        optimizer.load_state_dict(ckpt.optimizer)  # succeeded on a copy in check_optimizer_state
     if model is not None and model_state is not None:
         _load_model(model, model_state)
-    if optimizer is not None and ckpt.optimizer is not None:
-        optimizer.load_state_dict(ckpt.optimizer)
     return ckpt
 
 
-def _matching(model: nn.Module, state: Mapping[str, Any]) -> dict[str, str]:
-    from polyak._select import normalize_key
+def peer_state_for(ema: EMA, raw: Any, kind: str) -> dict[str, Any]:
+    """A polyak state for ``ema`` holding the averaged weights of the peer checkpoint object ``raw``."""
+    names = peers.param_names(ema.model, kind) if kind in peers.LIST_FORMATS else None
+    return peers.to_polyak_state(raw, kind, template=ema.state_dict(), live=ema.model.state_dict(), param_names=names)
 
+
+def _matching(model: nn.Module, state: Mapping[str, Any]) -> dict[str, str]:
     by_norm = {normalize_key(str(k)): str(k) for k in state}
     return {key: by_norm.get(normalize_key(key), "") for key in model.state_dict()}
 
 
 def check_model_state(model: nn.Module, state: Mapping[str, Any], *, what: str) -> None:
     """Raise ValueError (listing keys) unless ``state`` fits ``model`` exactly: same keys (wrapper
-    prefixes ignored), shapes and dtypes, finite floats."""
-    from polyak._select import normalize_key
-
+    prefixes ignored), a tensor where the model has a tensor with the same shape, dtype and layout and
+    finite values; where the model keeps non-tensor extra state (``get_extra_state``), the file's value
+    is passed to the module as it is."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what}: corrupt model weights (expected a mapping, got {type(state).__name__})")
     own = model.state_dict()
     mapping = _matching(model, state)
     missing = sorted(k for k, v in mapping.items() if not v)
@@ -340,8 +298,14 @@ def check_model_state(model: nn.Module, state: Mapping[str, Any], *, what: str) 
         )
     for key, src_key in mapping.items():
         dst, src = own[key], state[src_key]
+        if not isinstance(dst, Tensor):  # a module's extra state: whatever its set_extra_state takes
+            continue
         if not isinstance(src, Tensor):
             raise ValueError(f"{what}: {src_key!r} is a {type(src).__name__}, not a tensor")
+        if src.layout != dst.layout:
+            raise ValueError(
+                f"{what}: {key!r} is a {src.layout} tensor in the file and a {dst.layout} tensor in the model"
+            )
         if src.shape != dst.shape:
             raise ValueError(
                 f"{what}: shape mismatch for {key!r}: file has {tuple(src.shape)}, model has {tuple(dst.shape)}"
@@ -351,12 +315,19 @@ def check_model_state(model: nn.Module, state: Mapping[str, Any], *, what: str) 
                 f"{what}: dtype mismatch for {key!r}: file has {src.dtype}, model has {dst.dtype}; "
                 f"convert the model first (model.to({src.dtype}))"
             )
-        if not finite_on_host([src]):
+        if src.layout == torch.strided and not finite_on_host([src]):
             raise ValueError(f"{what}: {key!r} holds NaN/inf; refusing to load corrupt weights")
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], *, what: str) -> None:
-    """The checks ``Optimizer.load_state_dict`` makes, done up front so a mismatch changes nothing."""
+    """Check that ``optimizer.load_state_dict(state)`` will succeed, without changing ``optimizer``.
+
+    The structure is checked first (for clear messages), then the state is loaded into a shallow copy:
+    ``Optimizer.load_state_dict`` builds new ``state`` and ``param_groups`` objects and rebinds them on
+    the object it is called on, so the copy takes every change and the original none. Whatever it refuses
+    (an SGD state loaded into AdamW raises ``KeyError: 'step'`` in Adam's ``__setstate__``) becomes a
+    ValueError here, before anything was written.
+    """
     groups = state.get("param_groups") if isinstance(state, Mapping) else None
     if not isinstance(groups, list) or not isinstance(state.get("state"), Mapping):
         raise ValueError(f"{what}: corrupt optimizer state (expected 'state' and 'param_groups')")
@@ -366,12 +337,34 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, 
             f"{what}: the optimizer state has {len(groups)} parameter group(s), this optimizer has {len(ours)}; "
             "build the optimizer the same way as when saving"
         )
+    ids: set[object] = set()
     for i, (saved, own) in enumerate(zip(groups, ours)):
-        if len(saved.get("params", [])) != len(own["params"]):
+        params = saved.get("params") if isinstance(saved, Mapping) else None
+        if not isinstance(params, list):
+            raise ValueError(f"{what}: corrupt optimizer state (parameter group {i} has no 'params' list)")
+        if len(params) != len(own["params"]):
             raise ValueError(
-                f"{what}: optimizer parameter group {i} holds {len(saved.get('params', []))} parameters in the "
+                f"{what}: optimizer parameter group {i} holds {len(params)} parameters in the "
                 f"file and {len(own['params'])} here; build the optimizer over the same parameters"
             )
+        foreign = sorted(str(k) for k in saved if k not in own and k != "param_names")
+        if foreign:
+            raise ValueError(
+                f"{what}: the optimizer state was saved by another kind of optimizer (its parameter groups hold "
+                f"{foreign}, which {type(optimizer).__name__} does not have); build the same optimizer as when saving"
+            )
+        ids.update(params)
+    for key, value in state["state"].items():
+        if key not in ids or not isinstance(value, Mapping):
+            raise ValueError(f"{what}: corrupt optimizer state (entry {key!r} names no parameter or is not a dict)")
+    probe = copy.copy(optimizer)
+    try:
+        probe.load_state_dict(state)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise ValueError(
+            f"{what}: {type(optimizer).__name__} refuses the saved optimizer state ({type(exc).__name__}: {exc}); "
+            "build the same optimizer as when saving"
+        ) from None
 
 
 def _load_model(model: nn.Module, state: Mapping[str, Any]) -> None:

@@ -95,20 +95,35 @@ def flatten(tree: Any, prefix: str, *, share: bool = True) -> tuple[Any, dict[st
 
 
 def unflatten(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
-    """Inverse of :func:`flatten`. Raises ValueError naming a tensor the skeleton refers to but the file lacks."""
+    """Inverse of :func:`flatten`. Raises ValueError naming what is wrong in a damaged or crafted skeleton
+    (a tensor the file lacks, a malformed node, an unknown dtype); the caller turns a RecursionError
+    from an absurdly deep one into a ValueError too."""
     if isinstance(skeleton, list):
         return [unflatten(v, tensors) for v in skeleton]
     if isinstance(skeleton, dict):
-        if _TENSOR in skeleton:
-            name = skeleton[_TENSOR]
-            if name not in tensors:
-                raise ValueError(f"corrupt checkpoint: tensor {name!r} is referenced by the metadata but missing")
-            return tensors[name]
-        if _DICT in skeleton:
-            return {key: unflatten(value, tensors) for key, value in skeleton[_DICT]}
-        if _TUPLE in skeleton:
-            return tuple(unflatten(v, tensors) for v in skeleton[_TUPLE])
-        if "__dtype__" in skeleton:
-            return getattr(torch, skeleton["__dtype__"])
-        raise ValueError(f"corrupt checkpoint metadata: unknown node {sorted(skeleton)!r}")
-    return skeleton
+        if len(skeleton) != 1:
+            raise ValueError(f"corrupt checkpoint metadata: unknown node {sorted(skeleton)[:5]!r}")
+        ((tag, value),) = skeleton.items()
+        if tag == _TENSOR:
+            if not isinstance(value, str) or value not in tensors:
+                raise ValueError(f"corrupt checkpoint: tensor {value!r} is referenced by the metadata but missing")
+            return tensors[value]
+        if tag == _DICT:
+            if not isinstance(value, list) or not all(
+                isinstance(item, list) and len(item) == 2 and isinstance(item[0], _KEY_TYPES) for item in value
+            ):
+                raise ValueError("corrupt checkpoint metadata: a dict node must be a list of [key, value] pairs")
+            return {key: unflatten(item, tensors) for key, item in value}
+        if tag == _TUPLE:
+            if not isinstance(value, list):
+                raise ValueError("corrupt checkpoint metadata: a tuple node must hold a list")
+            return tuple(unflatten(v, tensors) for v in value)
+        if tag == "__dtype__":
+            dtype = getattr(torch, value, None) if isinstance(value, str) else None
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"corrupt checkpoint metadata: {value!r} is not a torch dtype")
+            return dtype
+        raise ValueError(f"corrupt checkpoint metadata: unknown node {tag!r}")
+    if skeleton is None or isinstance(skeleton, (bool, int, float, str)):
+        return skeleton
+    raise ValueError(f"corrupt checkpoint metadata: unexpected {type(skeleton).__name__}")

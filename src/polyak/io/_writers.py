@@ -1,8 +1,10 @@
 """Streaming, atomic writers for the two file formats: nothing is built in memory first.
 
-* safetensors: a placeholder header, then each tensor in turn (hashed as it is written; a CUDA or
-  non-contiguous tensor is copied to the host one at a time), then the header again with the real
-  sha256 (same length). Memory beyond the tensors themselves: one tensor's host copy at most.
+* safetensors: a header with a placeholder checksum, then each tensor in turn (a CUDA or non-contiguous
+  tensor is copied to the host one at a time), then the header again with the real checksum (same
+  length): the sha256 of the header as first written and of every tensor byte, so the reader
+  (``_readers.read_safetensors``) catches an edit of either. Memory beyond the tensors themselves: one
+  tensor's host copy at most.
 * torch: ``torch.save`` writes straight into the atomic temporary file.
 
 Both write through ``_atomic.atomic_writer`` (temp file, fsync, rename, fsync of the directory).
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from polyak.io._atomic import ChunkedWriter, atomic_writer, write_chunked
+from polyak.io._readers import CHECKSUM_PREFIX, checksum_placeholder
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, "dtype" in the header)
 _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
@@ -54,7 +57,7 @@ class Layout:
 def safetensors_layout(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Layout:
     """Order and place ``tensors`` as safetensors does: larger element sizes first (so each tensor starts
     at a multiple of its element size after the 8-byte-aligned header), then by name; offsets are
-    relative to the end of the header. ``metadata`` gains ``payload_bytes`` and ``sha256``. Every error
+    relative to the end of the header. ``metadata`` gains ``payload_bytes`` and ``checksum``. Every error
     about the tensors is raised here, before a file is opened."""
     if sys.byteorder != "little":
         raise ValueError("safetensors stores little-endian bytes; on this big-endian host save with format='pt'")
@@ -75,7 +78,8 @@ def safetensors_layout(tensors: Mapping[str, Tensor], metadata: Mapping[str, str
         header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     meta["payload_bytes"] = str(offset)
-    meta["sha256"] = "0" * 64  # the real digest has the same length: the header is rewritten in place
+    meta.pop("sha256", None)
+    meta["checksum"] = checksum_placeholder()  # the real digest has the same length: rewritten in place
     return Layout(header, [t for _, t in entries])
 
 
@@ -95,16 +99,17 @@ def _tensor_bytes(tensor: Tensor) -> memoryview:
 
 
 def write_safetensors(handle: BinaryIO, layout: Layout) -> None:
-    """Stream the tensors one at a time after a placeholder header, hashing as they go, then write the
-    header again with the real sha256."""
+    """Stream the tensors one at a time after a placeholder header, hashing header and tensors as they
+    go, then write the header again with the real checksum."""
     placeholder = _encode_header(layout.header)
     handle.write(placeholder)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(placeholder)
     for tensor in layout.tensors:
         data = _tensor_bytes(tensor)
         digest.update(data)
         write_chunked(handle, data)
-    header = {**layout.header, "__metadata__": {**layout.header["__metadata__"], "sha256": digest.hexdigest()}}
+    checksum = CHECKSUM_PREFIX + digest.hexdigest()
+    header = {**layout.header, "__metadata__": {**layout.header["__metadata__"], "checksum": checksum}}
     final = _encode_header(header)
     if len(final) != len(placeholder):  # a hex sha256 has a fixed length; this guards the format
         raise RuntimeError("internal error: the safetensors header changed length when the sha256 was filled in")

@@ -4,12 +4,22 @@ convert between polyak and peer formats. Errors exit with code 2 and a one-line 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from polyak import _state
+from polyak._select import normalize_key
+from polyak.io._checkpoint import Checkpoint, read, save
+from polyak.io._exchange import write_state
+from polyak.io._tree import same_tensor_key
+from polyak.io.peers import averaged_weights, peer_state, raw_model_state
 
 __all__ = ["add_commands"]
 
@@ -48,51 +58,92 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def averaged_from_checkpoint(ckpt: Any, index: int) -> tuple[dict[str, Tensor], int | None, dict[str, Tensor] | None]:
-    """(averaged weights keyed like the model, step, raw model weights or None) from any checkpoint."""
-    from polyak._select import normalize_key
-    from polyak.io import _tree
-    from polyak.io.peers import averaged_weights, raw_model_state
+def averaged_from_checkpoint(
+    ckpt: Checkpoint, index: int
+) -> tuple[dict[str, Tensor], int | None, dict[str, Any] | None]:
+    """(averaged weights keyed like the model, step, raw model weights or None) from any checkpoint.
 
+    A polyak checkpoint is read as ``EMA.averaged_state_dict`` reads the live EMA (``polyak._state``):
+    the debias correction applied (before the first update: the raw model's weights), every name of a
+    tied tensor given its average, each average in its model tensor's dtype when the raw model is there.
+    """
     if ckpt.kind != "polyak":
         weights, step = averaged_weights(ckpt.raw, ckpt.kind)
         return weights, step, raw_model_state(ckpt.raw, ckpt.kind)
-    ema = ckpt.ema
-    if not isinstance(ema, Mapping):
+    if ckpt.ema is None:
         raise ValueError("this polyak checkpoint holds no EMA state (saved without an EMA)")
-    averages = ema.get("averages") or []
-    if not -len(averages) <= index < len(averages):
-        raise ValueError(f"--index {index} out of range: the checkpoint keeps {len(averages)} average(s)")
-    shadow: dict[str, Tensor] = dict(averages[index])
-    config = ema.get("config") or {}
-    if config.get("debias"):
-        correction = 1.0 - float(ema["products"][index])
-        if correction > 0.0:
-            shadow = {k: v / correction for k, v in shadow.items()}
-    raw = ckpt.model if isinstance(ckpt.model, Mapping) else None
+    state = _state.parse(ckpt.ema, what="EMA state in the checkpoint")
+    try:
+        index = _state.check_index(index, state.num_averages)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--index: {exc}") from None
+    raw = dict(ckpt.model) if isinstance(ckpt.model, Mapping) else None
+    shadow = state.averages[index]
+    keys = list(shadow)
+    live = None
+    if raw is not None:
+        by_key = {normalize_key(str(k)): v for k, v in raw.items() if isinstance(v, Tensor)}
+        if all(k in by_key for k in keys):
+            live = [by_key[k] for k in keys]
+    values = _state.debiased(
+        [shadow[k] for k in keys],
+        state.products[index],
+        debias=bool(state.debias),
+        live=live,
+        what="this checkpoint's EMA",
+    )
+    averaged = dict(zip(keys, values))
     if raw is None:
-        return shadow, int(ema.get("step", 0)), None
-    # A tied tensor (embedding = output head) has one shadow under its first key; its other keys in the
-    # raw model state are the same tensor, so they take that shadow too (else loading the file would
-    # write the live value over the average through the second key).
-    tied = {
-        _tree.same_tensor_key(value): shadow[normalize_key(str(key))]
-        for key, value in raw.items()
-        if isinstance(value, Tensor) and value.numel() > 0 and normalize_key(str(key)) in shadow
-    }
-    out: dict[str, Tensor] = {}
+        return averaged, state.step, None
+    return _state.model_state_with(averaged, raw, aliases=_tied_names(raw, averaged)), state.step, raw
+
+
+def _tied_names(raw: Mapping[str, Any], averaged: Mapping[str, Tensor]) -> dict[str, str]:
+    """For each further name of a tied tensor in the raw model state (the same stored tensor under
+    several keys, e.g. embedding = output head), the key of its one average."""
+    first: dict[tuple[Any, ...], str] = {}
     for key, value in raw.items():
-        norm = normalize_key(str(key))
-        average = shadow.get(norm)
-        if average is None and isinstance(value, Tensor) and value.numel() > 0:
-            average = tied.get(_tree.same_tensor_key(value))
-        out[str(key)] = value if average is None else average.to(value.dtype)
-    return out, int(ema.get("step", 0)), dict(raw)
+        if isinstance(value, Tensor) and value.numel() > 0 and normalize_key(str(key)) in averaged:
+            first.setdefault(same_tensor_key(value), normalize_key(str(key)))
+    return {
+        str(key): first[same_tensor_key(value)]
+        for key, value in raw.items()
+        if isinstance(value, Tensor)
+        and value.numel() > 0
+        and normalize_key(str(key)) not in averaged
+        and same_tensor_key(value) in first
+    }
 
 
+def _one_line(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Any failure of ``handler`` becomes a ValueError, which ``polyak`` prints as one line and exits 2:
+    no file a user hands the CLI may end in a traceback."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except ValueError as exc:
+            if "\n" not in str(exc):
+                raise
+            raise ValueError(" ".join(str(exc).split())) from None
+        except Exception as exc:
+            raise ValueError(" ".join(f"{type(exc).__name__}: {exc}".split())) from None
+
+    return run
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse ``-o`` naming the input file: the input would be replaced before anyone noticed."""
+    out, src = Path(args.output), Path(args.checkpoint)
+    if out.exists() and src.exists() and os.path.samefile(out, src):
+        raise ValueError(f"-o {args.output} is the input checkpoint; write the output to another file")
+
+
+@_one_line
 def _inspect(args: argparse.Namespace) -> int:
-    from polyak.io._checkpoint import read
-
     ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
     print(f"file:    {args.checkpoint}")
     print(f"format:  {ckpt.kind}")
@@ -111,8 +162,10 @@ def _inspect(args: argparse.Namespace) -> int:
         if isinstance(ckpt.raw.get("decay"), (int, float)):
             print(f"decay:   {ckpt.raw['decay']}")
     print(f"sections: {', '.join(_sections(ckpt))}")
-    if ckpt.metadata.get("sha256"):
-        print(f"sha256:  {ckpt.metadata['sha256']} (verified)")
+    if ckpt.metadata.get("checksum"):
+        print(f"checksum: {ckpt.metadata['checksum']} (verified, header and tensors)")
+    elif ckpt.metadata.get("sha256"):
+        print(f"sha256:  {ckpt.metadata['sha256']} (verified, tensors)")
     tensors = _all_tensors(ckpt)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"tensors: {len(tensors)}, {_fmt_bytes(total)}")
@@ -160,7 +213,7 @@ def _print_difference(averaged: Mapping[str, Tensor], raw: Mapping[str, Tensor])
     num = den = 0.0
     for key, r in raw.items():
         a = averaged.get(key)
-        if a is None or not (r.is_floating_point() and a.is_floating_point()):
+        if not isinstance(r, Tensor) or a is None or not (r.is_floating_point() and a.is_floating_point()):
             continue
         diff = float((a.double() - r.double()).norm())
         size = float(r.double().norm())
@@ -176,13 +229,12 @@ def _print_difference(averaged: Mapping[str, Tensor], raw: Mapping[str, Tensor])
         print(f"  {key:<60} rel {rel:.3e}  abs {diff:.3e}")
 
 
+@_one_line
 def _extract(args: argparse.Namespace) -> int:
-    from polyak.io._checkpoint import read
-    from polyak.io.peers import save_plain_safetensors
-
+    _check_output(args)
     ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
     averaged, _, raw = averaged_from_checkpoint(ckpt, args.index)
-    _write_state(args.output, averaged, save_plain_safetensors)
+    write_state(args.output, averaged, kind="state_dict")
     print(f"wrote {len(averaged)} tensors to {args.output}")
     if raw is None and ckpt.kind == "polyak":
         print(
@@ -192,47 +244,29 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_state(path: str, state: Mapping[str, Any], save_plain: Any) -> None:
-    from polyak.io import _writers
-    from polyak.io._checkpoint import file_format_for
-
-    if file_format_for(path, None) == "safetensors":
-        save_plain(path, state)
-        return
-    _writers.save_torch(path, dict(state))
-
-
+@_one_line
 def _convert(args: argparse.Namespace) -> int:
-    from polyak.io._checkpoint import read
-    from polyak.io.peers import peer_state, save_plain_safetensors
-
+    _check_output(args)
     ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
     averaged, step, raw = averaged_from_checkpoint(ckpt, args.index)
     if args.to == "polyak":
-        from polyak._select import normalize_key
-        from polyak.io._checkpoint import save
-
-        state = {
-            "format": "polyak.ema",
-            "version": 1,
-            "step": int(step or 0),
-            "skipped_updates": 0,
-            "products": [0.0],
-            "last_decays": [0.0],
-            "config": {"decay": ["unknown (converted from " + ckpt.kind + ")"], "debias": False},
-            "averages": [
-                {
-                    normalize_key(k): v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
-                    for k, v in averaged.items()
-                    if v.is_floating_point() or v.is_complex()
-                }
-            ],
+        shadows = {
+            normalize_key(k): v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+            for k, v in averaged.items()
+            if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())
         }
+        state = _state.build(
+            step=int(step or 0),
+            skipped_updates=0,
+            products=[0.0],
+            last_decays=[0.0],
+            config={"decay": ["unknown (converted from " + ckpt.kind + ")"], "debias": False},
+            averages=[shadows],
+        )
         save(args.output, state, model=raw)
     elif args.to == "state_dict":
-        _write_state(args.output, averaged, save_plain_safetensors)
+        write_state(args.output, averaged, kind="state_dict")
     else:
-        obj = peer_state(args.to, averaged, step=int(step or 0), raw_model=raw)
-        _write_state(args.output, obj, save_plain_safetensors)
+        write_state(args.output, peer_state(args.to, averaged, step=int(step or 0), raw_model=raw), kind=args.to)
     print(f"wrote {args.to} checkpoint to {args.output}")
     return 0

@@ -17,25 +17,36 @@ Formats (what each library's own ``state_dict()`` / checkpoint holds):
 
 Importing gives an EMA whose every average equals the peer's averaged weights (keys matched by name
 with ``module.``/``_orig_mod.`` stripped; list formats matched by the model's parameter order). The
-peer's step counter becomes ``ema.step``; decay schedules are not stored by most peers, so pass
-``decay=`` to continue with the peer's rule.
+peer's step counter becomes ``ema.step``. torch_ema and diffusers store their decay rule, which
+``schedule_of`` reads back; the other peers keep theirs in code, so pass ``decay=`` to continue with it.
+
+Everything here is pure dict-to-dict: no file is read or written and no ``EMA`` is built
+(``polyak.io._exchange`` does that with these functions).
 """
 
 from __future__ import annotations
 
-import copy
-import os
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from polyak import _state, schedules
 from polyak._select import normalize_key
-from polyak.io import _writers
+from polyak._validate import as_bool, as_float, as_int
 
-__all__ = ["PEER_FORMATS", "averaged_weights", "detect", "export", "from_peer", "peer_state", "to_polyak_state"]
+__all__ = [
+    "PEER_FORMATS",
+    "averaged_weights",
+    "detect",
+    "param_names",
+    "peer_schedule",
+    "peer_state",
+    "raw_model_state",
+    "schedule_of",
+    "to_polyak_state",
+]
 
 PEER_FORMATS: tuple[str, ...] = (
     "timm",
@@ -47,6 +58,16 @@ PEER_FORMATS: tuple[str, ...] = (
     "state_dict",
 )
 LIST_FORMATS = ("torch_ema", "diffusers")
+
+
+def _peer_int(raw: Mapping[str, Any], key: str, kind: str) -> int:
+    value = raw[key]
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()  # ema-pytorch and AveragedModel keep their counters as tensors
+    try:
+        return as_int(value, f"{kind} checkpoint's {key!r}", minimum=0)
+    except TypeError as exc:
+        raise ValueError(f"corrupt {kind} checkpoint: {exc}") from None
 
 
 def detect(obj: Any) -> str:
@@ -73,7 +94,8 @@ def detect(obj: Any) -> str:
     )
 
 
-def _param_names(model: nn.Module, kind: str) -> list[str]:
+def param_names(model: nn.Module, kind: str) -> list[str]:
+    """The model's parameter names in the order a list format (torch_ema, diffusers) stores them."""
     if kind == "torch_ema":
         return [n for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, _ in model.named_parameters()]
@@ -82,8 +104,7 @@ def _param_names(model: nn.Module, kind: str) -> list[str]:
 def _tensor_dict(obj: Any, what: str) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"corrupt {what}: expected a mapping of tensors, got {type(obj).__name__}")
-    out = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-    return out
+    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
 def averaged_weights(
@@ -96,6 +117,8 @@ def averaged_weights(
     """
     if kind not in PEER_FORMATS:
         raise ValueError(f"unknown format {kind!r}; choose one of {PEER_FORMATS}")
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"corrupt {kind} checkpoint: expected a dict, got {type(raw).__name__}")
     if kind == "timm":
         state = raw.get("state_dict_ema", raw)
         return {normalize_key(k): v for k, v in _tensor_dict(state, "timm EMA state").items()}, None
@@ -105,22 +128,23 @@ def averaged_weights(
             for k, v in _tensor_dict(raw, "ema-pytorch state").items()
             if k.startswith("ema_model.")
         }
-        return weights, int(raw["step"]) if "step" in raw else None
+        return weights, _peer_int(raw, "step", kind) if "step" in raw else None
     if kind == "averaged_model":
         weights = {
             k[len("module.") :]: v
             for k, v in _tensor_dict(raw, "AveragedModel state").items()
             if k.startswith("module.")
         }
-        return weights, int(raw["n_averaged"])
+        return weights, _peer_int(raw, "n_averaged", kind)
     if kind == "ultralytics":
         module = raw.get("ema") if raw.get("ema") is not None else raw.get("model")
         if not isinstance(module, nn.Module):
             raise ValueError("Ultralytics checkpoint without an 'ema' or 'model' module")
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}, int(raw.get("updates") or 0)
+        step = _peer_int(raw, "updates", kind) if raw.get("updates") is not None else 0
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}, step
     if kind == "state_dict":
         return _tensor_dict(raw, "state dict"), None
-    shadows = raw["shadow_params"]
+    shadows = raw.get("shadow_params")
     if not isinstance(shadows, (list, tuple)) or not all(isinstance(t, Tensor) for t in shadows):
         raise ValueError(f"corrupt {kind} state: 'shadow_params' must be a list of tensors")
     if param_names is None:
@@ -134,13 +158,15 @@ def averaged_weights(
             f"{'trainable ' if kind == 'torch_ema' else ''}parameters; pass the model the checkpoint was made from"
         )
     step_key = "num_updates" if kind == "torch_ema" else "optimization_step"
-    step = raw.get(step_key)
-    return dict(zip(param_names, shadows)), None if step is None else int(step)
+    count = _peer_int(raw, step_key, kind) if raw.get(step_key) is not None else None
+    return dict(zip(param_names, shadows)), count
 
 
-def raw_model_state(raw: Any, kind: str) -> dict[str, Tensor] | None:
+def raw_model_state(raw: Any, kind: str) -> dict[str, Any] | None:
     """The live (non-averaged) weights a peer checkpoint also holds, if any."""
-    if kind == "timm" and isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+    if not isinstance(raw, Mapping):
+        return None
+    if kind == "timm" and isinstance(raw.get("state_dict"), Mapping):
         return _tensor_dict(raw["state_dict"], "timm state_dict")
     if kind == "ema_pytorch":
         online = {k[len("online_model.") :]: v for k, v in raw.items() if str(k).startswith("online_model.")}
@@ -150,21 +176,105 @@ def raw_model_state(raw: Any, kind: str) -> dict[str, Tensor] | None:
     return None
 
 
-def to_polyak_state(raw: Any, ema: Any, *, kind: str) -> dict[str, Any]:
-    """A polyak ``state_dict`` for ``ema`` in which every average holds the peer's averaged weights.
+def schedule_of(raw: Any, kind: str) -> tuple[Callable[[int], float], int] | None:
+    """The decay schedule and ``start_step`` a peer checkpoint stores, or None where the peer keeps its
+    rule in code (timm, ema-pytorch, Ultralytics, AveragedModel: pass ``decay=`` yourself).
 
-    Tensors the peer does not average (buffers in torch_ema/diffusers) take the model's live values.
-    Peer tensors are cast to the shadow dtype (Ultralytics stores fp16).
+    * torch_ema: ``decay`` and ``num_updates``: None means a constant decay, a count means
+      ``min(decay, (1 + n) / (10 + n))`` (torch_ema ``ExponentialMovingAverage.update``) = ``num_updates``.
+    * diffusers ``EMAModel.get_decay``: 0 (a copy) until ``optimization_step > update_after_step + 1``,
+      then ``clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)`` with ``use_ema_warmup``, else
+      ``clamp((1 + t) / (10 + t), min_decay, decay)``, ``t = optimization_step - update_after_step - 1``:
+      ``inverse_gamma`` / ``num_updates`` with ``start_step = update_after_step + 1``.
     """
-    weights, step = averaged_weights(
-        raw, kind, param_names=_param_names(ema.model, kind) if kind in LIST_FORMATS else None
+    if kind not in LIST_FORMATS or not isinstance(raw, Mapping) or "decay" not in raw:
+        return None
+    try:
+        decay = as_float(raw["decay"], f"{kind} checkpoint's 'decay'", minimum=0.0, maximum=1.0)
+        if kind == "torch_ema":
+            rule = schedules.constant(decay) if raw.get("num_updates") is None else schedules.num_updates(decay)
+            return rule, 0
+        min_decay = as_float(raw.get("min_decay", 0.0), "diffusers checkpoint's 'min_decay'", minimum=0.0, maximum=1.0)
+        start = as_int(raw.get("update_after_step", 0), "diffusers checkpoint's 'update_after_step'", minimum=-1) + 1
+        if as_bool(raw.get("use_ema_warmup", False), "diffusers checkpoint's 'use_ema_warmup'"):
+            inv_gamma = as_float(raw.get("inv_gamma", 1.0), "diffusers checkpoint's 'inv_gamma'", minimum=1e-300)
+            power = as_float(raw.get("power", 2 / 3), "diffusers checkpoint's 'power'", minimum=1e-300)
+            if 1.0 - (1.0 + 1.0 / inv_gamma) ** -power >= decay >= min_decay:
+                return schedules.constant(decay), start  # the warm-up is over at t = 1: a constant decay
+            return schedules.inverse_gamma(decay, inv_gamma, power, min(min_decay, decay)), start
+    except TypeError as exc:
+        raise ValueError(f"corrupt {kind} checkpoint: {exc}") from None
+    if min_decay > min(decay, 2 / 11):  # (1 + t) / (10 + t) >= 2/11 from t = 1: a larger floor would act
+        raise ValueError(
+            f"this diffusers checkpoint's schedule (min_decay={min_decay} without warm-up) has no polyak "
+            "equivalent; pass decay= to choose one"
+        )
+    return schedules.num_updates(decay), start
+
+
+def peer_schedule(kind: str, schedule: Callable[[int], float], *, start_step: int, update_every: int) -> dict[str, Any]:
+    """The fields with which ``kind``'s library continues on ``schedule`` (the inverse of ``schedule_of``).
+
+    A constant decay is written to diffusers as a warm-up that is over at its first step
+    (``inv_gamma`` = 1e-30: ``1 - (1 + t * 1e30) ** -1`` is 1.0 in float64, clamped to ``decay``).
+    A schedule the peer cannot follow raises ValueError instead of a file that resumes differently.
+    """
+    if update_every != 1:
+        raise ValueError(f"{kind} averages on every step; this EMA has update_every={update_every}")
+    if kind == "torch_ema":
+        if start_step:
+            raise ValueError("torch_ema has no copy phase; this EMA has start_step > 0")
+        if isinstance(schedule, schedules.constant):
+            return {"decay": schedule.decay, "num_updates": None}
+        if isinstance(schedule, schedules.num_updates):
+            return {"decay": schedule.decay}
+    elif kind == "diffusers":
+        fields: dict[str, Any] = {"update_after_step": start_step - 1, "min_decay": 0.0}
+        if isinstance(schedule, schedules.constant):
+            return {**fields, "decay": schedule.decay, "use_ema_warmup": True, "inv_gamma": 1e-30, "power": 1.0}
+        if isinstance(schedule, schedules.num_updates):
+            return {**fields, "decay": schedule.decay, "use_ema_warmup": False, "inv_gamma": 1.0, "power": 2 / 3}
+        if isinstance(schedule, schedules.inverse_gamma):
+            return {
+                **fields,
+                "decay": schedule.max_decay,
+                "min_decay": schedule.min_decay,
+                "use_ema_warmup": True,
+                "inv_gamma": schedule.inv_gamma,
+                "power": schedule.power,
+            }
+    else:
+        return {}
+    follows = "constant or num_updates" if kind == "torch_ema" else "constant, num_updates or inverse_gamma"
+    raise ValueError(
+        f"{kind} cannot continue on the schedule {schedule!r}: it follows {follows} only; export "
+        "format='state_dict' for the weights alone"
     )
-    ref = ema.state_dict()
-    template: dict[str, Tensor] = ref["averages"][0]
+
+
+def to_polyak_state(
+    raw: Any,
+    kind: str,
+    *,
+    template: Mapping[str, Any],
+    live: Mapping[str, Any],
+    param_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """A polyak state in which every average holds the peer's averaged weights.
+
+    ``template`` is the target EMA's own ``state_dict()`` (its keys, shapes, dtypes, number of averages
+    and config) and ``live`` the model's ``state_dict()``: tensors the peer does not average (buffers in
+    torch_ema/diffusers) take the live values. Peer tensors are cast to the shadow dtype (Ultralytics
+    stores fp16). The peer's step becomes the step; the products are 0 (the weights are the average
+    itself, with no bias correction to apply).
+    """
+    weights, step = averaged_weights(raw, kind, param_names=param_names)
+    averages = template["averages"]
+    shadows: Mapping[str, Tensor] = averages[0]
     given = {normalize_key(k): v for k, v in weights.items()}
-    live = {normalize_key(k): v for k, v in ema.model.state_dict().items()}
-    missing = sorted(k for k in template if k not in given and not (kind in LIST_FORMATS and k in live))
-    unexpected = sorted(k for k in given if k not in live)
+    live_by_key = {normalize_key(str(k)): v for k, v in live.items() if isinstance(v, Tensor)}
+    missing = sorted(k for k in shadows if k not in given and not (kind in LIST_FORMATS and k in live_by_key))
+    unexpected = sorted(k for k in given if k not in live_by_key)
     if missing or unexpected:
         raise ValueError(
             f"{kind} checkpoint does not match this model: missing keys {missing[:20]}"
@@ -172,50 +282,24 @@ def to_polyak_state(raw: Any, ema: Any, *, kind: str) -> dict[str, Any]:
             f"{' ...' if len(unexpected) > 20 else ''}; pass a model of the same architecture"
         )
     average: dict[str, Tensor] = {}
-    for key, dst in template.items():
-        src = given[key] if key in given else live[key]
+    for key, dst in shadows.items():
+        src = given[key] if key in given else live_by_key[key]
         if src.shape != dst.shape:
             raise ValueError(
                 f"shape mismatch for {key!r}: {kind} checkpoint has {tuple(src.shape)}, model has {tuple(dst.shape)}"
             )
         average[key] = src.detach().to(dtype=dst.dtype, device="cpu", copy=True)
-    state = dict(ref)
-    state["averages"] = [dict(average) for _ in range(ema.num_averages)]
-    state["products"] = [0.0] * ema.num_averages  # the weights are the average itself (no bias correction)
-    if step is not None:
-        state["step"] = int(step)
-    return state
+    count = len(averages)
+    return _state.build(
+        step=template["step"] if step is None else step,
+        skipped_updates=0,
+        products=[0.0] * count,
+        last_decays=template["last_decays"],
+        config=template["config"],
+        averages=[dict(average) for _ in range(count)],
+    )
 
 
-def from_peer(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    *,
-    format: str = "auto",
-    trust_pickle: bool = False,
-    **ema_kwargs: Any,
-) -> Any:
-    """Build a ``polyak.EMA`` on ``model`` from a peer checkpoint file (``ema_kwargs`` go to ``EMA``).
-
-    ``format="auto"`` detects it. Without ``decay=``, torch_ema/diffusers files give their stored constant
-    decay; other peers do not store theirs, and polyak's default (0.9999) applies. Ultralytics files need ``trust_pickle=True`` (UNSAFE: unpickling runs
-    code from the file; only for files you made yourself).
-    """
-    from polyak.ema import EMA
-    from polyak.io._checkpoint import read
-
-    ckpt = read(path, trust_pickle=trust_pickle)
-    kind = ckpt.kind if format == "auto" else format
-    if kind == "polyak":
-        raise ValueError(f"{str(path)!r} is a polyak checkpoint; use polyak.load(path, ema)")
-    if "decay" not in ema_kwargs and kind in LIST_FORMATS and isinstance(ckpt.raw.get("decay"), float):
-        ema_kwargs["decay"] = ckpt.raw["decay"]  # the constant decay torch_ema/diffusers store
-    ema = EMA(model, **ema_kwargs)
-    ema.load_state_dict(to_polyak_state(ckpt.raw, ema, kind=kind))
-    return ema
-
-
-# --- export -------------------------------------------------------------------------------------------
 def peer_state(
     kind: str,
     averaged: Mapping[str, Tensor],
@@ -224,12 +308,13 @@ def peer_state(
     decay: float = 0.9999,
     raw_model: Mapping[str, Tensor] | None = None,
     param_names: list[str] | None = None,
-    start_step: int = 0,
+    schedule: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint object ``kind``'s library loads, from averaged weights ``{model key: tensor}``.
 
     ``raw_model`` (live weights) fills the slots some peers keep (timm ``state_dict``, ema-pytorch
-    ``online_model.*``). List formats need ``param_names`` in the peer's order.
+    ``online_model.*``). List formats need ``param_names`` in the peer's order; ``schedule`` holds the
+    decay fields of ``peer_schedule`` (else a constant ``decay``).
     """
     averaged = {str(k): v for k, v in averaged.items()}
     if kind == "timm":
@@ -259,63 +344,19 @@ def peer_state(
             raise ValueError(f"cannot export to {kind}: no averaged value for parameters {missing[:20]}")
         shadows = [averaged[n] for n in param_names]
         if kind == "torch_ema":
-            return {"decay": float(decay), "num_updates": int(step), "shadow_params": shadows, "collected_params": None}
-        return {
+            fields = {"decay": float(decay), "num_updates": int(step), **(schedule or {})}
+            return {**fields, "shadow_params": shadows, "collected_params": None}
+        fields = {
             "decay": float(decay),
             "min_decay": 0.0,
             "optimization_step": int(step),
-            "update_after_step": int(start_step),
+            "update_after_step": -1,
             "use_ema_warmup": False,
             "inv_gamma": 1.0,
             "power": 2 / 3,
-            "shadow_params": shadows,
+            **(schedule or {}),
         }
+        return {**fields, "shadow_params": shadows}
     if kind == "ultralytics":
         raise ValueError("Ultralytics checkpoints pickle the whole model; export them with polyak.io.export(path, ema)")
     raise ValueError(f"unknown format {kind!r}; choose one of {PEER_FORMATS}")
-
-
-def _current_decay(ema: Any, index: int) -> float:
-    t = max(1, ema.step - ema.start_step)
-    return float(ema.schedules[index](t))
-
-
-def export(path: str | os.PathLike[str], ema: Any, *, format: str, index: int = 0) -> Path:
-    """Write average ``index`` of ``ema`` as a checkpoint ``format``'s library loads (atomically).
-
-    torch_ema/diffusers get the decay of the current step as their constant ``decay``; Ultralytics gets
-    a deep copy of the model holding the averaged weights (a pickle: loading it needs trust).
-    """
-    from polyak.io._atomic import check_writable_destination
-
-    check_writable_destination(path)
-    averaged = ema.averaged_state_dict(index)
-    if format == "ultralytics":
-        averaged_model = copy.deepcopy(ema.model)
-        averaged_model.load_state_dict(averaged)
-        obj: Any = {"ema": averaged_model, "updates": int(ema.step), "model": copy.deepcopy(ema.model), "epoch": -1}
-    else:
-        names = _param_names(ema.model, format) if format in LIST_FORMATS else None
-        obj = peer_state(
-            format,
-            averaged,
-            step=int(ema.step),
-            decay=_current_decay(ema, index),
-            raw_model=ema.model.state_dict(),
-            param_names=names,
-            start_step=int(ema.start_step),
-        )
-    if format == "state_dict" and Path(path).suffix.lower() == ".safetensors":
-        return save_plain_safetensors(path, obj)
-    return _writers.save_torch(path, obj)
-
-
-def save_plain_safetensors(path: str | os.PathLike[str], state: Mapping[str, Tensor]) -> Path:
-    """Write ``{key: tensor}`` as a plain safetensors file (streamed, atomic) that ``load_file`` and
-    ``model.load_state_dict`` take: every key present, a tied tensor stored under each of its names."""
-    from polyak.io import _tree
-
-    _, tensors = _tree.flatten({str(k): v for k, v in state.items()}, "", share=False)
-    if set(tensors) != {str(k) for k in state}:
-        raise ValueError("keys with '.'-joined collisions cannot be stored in one safetensors file")
-    return _writers.save_safetensors(path, tensors, {"format": "pt"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -27,11 +28,15 @@ def add_commands(sub: Any) -> None:
     group.add_argument("--alpha", type=float, help="EMA smoothing factor in (0, 1]")
     group.add_argument("--halflife", type=float, help="EMA half-life in rows")
     group.add_argument("--com", type=float, help="EMA centre of mass")
-    p.add_argument("--window", type=int, help="window for sma/wma (default: the span, else 20)")
+    p.add_argument("--window", type=int, help="window for sma/wma, >= 1 (default: the span, else 20)")
     p.add_argument("--no-adjust", action="store_true", help="EMA as the plain recursion (pandas adjust=False)")
     p.add_argument("--process-var", type=float, help="kalman: level noise q (default: matches the EMA's alpha)")
     p.add_argument("--obs-var", type=float, help="kalman: observation noise r (default: variance of the column)")
-    p.add_argument("--out", help="write the rows with a '<column>_smoothed' column to this CSV")
+    p.add_argument(
+        "--out",
+        help="write the rows with a '<column>_smoothed' column to this CSV (written atomically: it may be the "
+        "input file itself)",
+    )
     p.add_argument("--plot", help="save a PNG of raw vs smoothed (needs matplotlib)")
     p.set_defaults(func=run)
 
@@ -55,7 +60,34 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                     rows.append(row)
         return rows
     with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        rows = []
+        for row in reader:
+            if None in row:  # more fields than the header: the columns of this row are shifted
+                raise ValueError(
+                    f"{path}:{reader.line_num}: {len(reader.fieldnames or ()) + len(row[None])} fields, but the "
+                    f"header has {len(reader.fieldnames or ())}; fix the row (quote fields that hold commas)"
+                )
+            rows.append(row)
+        return rows
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]], column: str, values: Any) -> None:
+    """Write ``rows`` plus ``column`` (replaced if present) as CSV, atomically: the whole text is built
+    first, then ``polyak.io``'s atomic writer replaces the file, so ``path`` may be the input itself."""
+    fieldnames: dict[str, None] = {}
+    for row in rows:  # every key of every row, in order of appearance (JSONL rows may differ)
+        fieldnames.update(dict.fromkeys(row))
+    fieldnames[column] = None
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(fieldnames), restval="")
+    writer.writeheader()
+    for row, value in zip(rows, values):
+        writer.writerow({**row, column: "" if math.isnan(value) else repr(float(value))})
+    from polyak.io._atomic import atomic_writer, write_chunked
+
+    with atomic_writer(path) as handle:
+        write_chunked(handle, text.getvalue().encode("utf-8"))
 
 
 def _to_float(value: Any) -> float:
@@ -89,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "ema":
         smoothed = ema(x, adjust=not args.no_adjust, **params)
     elif args.method in ("sma", "wma"):
-        window = args.window or (round(args.span) if args.span else 20)
+        if args.window is not None and args.window < 1:
+            raise ValueError(f"--window must be >= 1, got {args.window}")
+        window = args.window if args.window is not None else (round(args.span) if args.span else 20)
         smoothed = sma(x, window, min_periods=1) if args.method == "sma" else wma(x, window)
     else:
         from polyak.series._params import resolve_alpha
@@ -97,17 +131,14 @@ def run(args: argparse.Namespace) -> int:
         a = resolve_alpha(
             alpha=params.get("alpha"), span=params.get("span"), halflife=params.get("halflife"), com=params.get("com")
         )
-        r = args.obs_var if args.obs_var is not None else float(np.nanvar(x)) or 1.0
+        finite = x[np.isfinite(x)]  # NaN and +-inf are missing values
+        r = args.obs_var if args.obs_var is not None else (float(np.var(finite)) if finite.size else 0.0) or 1.0
         q = args.process_var if args.process_var is not None else (r * a * a / (1.0 - a) if a < 1.0 else r * 1e6)
         smoothed = kalman_local_level(x, process_var=q, obs_var=r).mean
     name = f"{args.column}_smoothed"
     if args.out:
         out = Path(args.out)
-        with out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=[*columns, name])
-            writer.writeheader()
-            for row, value in zip(rows, smoothed):
-                writer.writerow({**row, name: "" if math.isnan(value) else repr(float(value))})
+        write_rows(out, rows, name, smoothed)
         print(f"wrote {len(rows)} rows to {out}")
     if args.plot:
         try:

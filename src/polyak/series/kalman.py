@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from polyak._validate import as_float
+from polyak.series._params import missing_inf
 from polyak.series.batch import _apply
 
 __all__ = ["KalmanResult", "kalman_local_level", "steady_state_gain"]
@@ -43,16 +45,17 @@ def kalman_local_level(
     initial_var: float | None = None,
     axis: int = -1,
 ) -> KalmanResult:
-    """Filter ``x`` with the local-level model (see module docstring). NaNs are missing observations:
-    the level is predicted and P grows. Starts at the first observation with P = ``obs_var`` unless
+    """Filter ``x`` with the local-level model (see module docstring). NaN and +-inf are missing
+    observations: the level is predicted and P grows. Starts at the first observation with P = ``obs_var`` unless
     ``initial_mean``/``initial_var`` are given."""
-    for name, value in (("process_var", process_var), ("obs_var", obs_var)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+    q, r = as_float(process_var, "process_var"), as_float(obs_var, "obs_var")
+    for name, value in (("process_var", q), ("obs_var", r)):
+        if not value > 0:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    q, r = float(process_var), float(obs_var)
     parts: dict[str, NDArray[np.float64]] = {}
 
     def run(flat: NDArray[np.float64]) -> NDArray[np.float64]:
+        flat = missing_inf(flat)
         n_series, n = flat.shape
         m = np.full(n_series, np.nan if initial_mean is None else float(initial_mean))
         p = np.full(n_series, r if initial_var is None else float(initial_var))

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from polyak.series._params import check_min_periods, check_window, resolve_alpha
+from polyak._validate import as_float
+from polyak.series import _sums
+from polyak.series._params import as_scalar, check_min_periods, check_window, missing_inf, resolve_alpha
 
 __all__ = ["DebiasedStream", "EWMStream", "SMAStream", "WMAStream"]
 
@@ -61,7 +63,8 @@ class EWMStream(_Stream):
     With ``adjust=True`` the mean after n observations is sum_i (1 - alpha)^(n-i) x_i / sum_i (1 - alpha)^(n-i);
     with ``adjust=False`` it is the recursion m <- (1 - alpha) m + alpha x. A NaN is no observation: with
     ``ignore_na=False`` time still passes (the weights follow absolute positions), with ``ignore_na=True`` it
-    does not. ``var`` is pandas' ``bias=False`` variance (weights normalised as reliability weights).
+    does not. +-inf counts as missing too, as in pandas. ``var`` is pandas' ``bias=False`` variance
+    (weights normalised as reliability weights).
     """
 
     _state = ("mean", "cov", "old_wt", "sum_wt", "sum_wt2", "nobs")
@@ -104,8 +107,8 @@ class EWMStream(_Stream):
             and isinstance(elapsed, (float, int))
             and 0.0 <= elapsed < math.inf
         ):
-            return self._update_scalar(float(x), float(elapsed))
-        x = self._input(x)
+            return self._update_scalar(as_scalar(x), float(elapsed))
+        x = missing_inf(self._input(x))
         factor = (1.0 - self.alpha) ** np.asarray(elapsed, dtype=np.float64)
         obs = ~np.isnan(x)
         self.nobs = self.nobs + obs
@@ -212,33 +215,136 @@ class _WindowStream(_Stream):
         self.count = self.count + 1
 
 
-class SMAStream(_WindowStream):
-    """Simple moving average over the last ``window`` values (NaNs skipped, as pandas ``rolling().mean()``;
-    NaN until ``min_periods`` non-NaN values are in the window, default ``window``)."""
+class SMAStream(_Stream):
+    """Simple moving average over the last ``window`` values (NaN and +-inf skipped, as pandas
+    ``rolling().mean()``; NaN until ``min_periods`` valid values are in the window, default ``window``).
+
+    Keeps the compensated prefix sums of the last ``window + 1`` steps (``polyak.series._sums``), so one
+    huge value does not cost the later windows their precision, and every value equals ``sma``'s bits.
+    The ring of prefixes grows with the steps seen, so a huge ``window`` costs only what has been seen."""
+
+    _state = ("prefix", "count")
 
     def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, min_periods: int | None = None) -> None:
-        super().__init__(shape, window)
+        self.shape = _shape(shape)
+        self.window = check_window(window)
         self.min_periods = check_min_periods(min_periods, self.window)
+        # ring of prefixes: slot (count % (window + 1)) is the prefix after `count` steps; slot 0 starts empty.
+        # It grows (doubling) until it holds window + 1 slots, which it does before the first wrap-around.
+        self.prefix = np.zeros((min(self.window + 1, 64), _sums.LEVELS + 1, *self.shape))
+        self.count = np.zeros((), dtype=np.int64)
+
+    def _slot(self, count: int) -> int:
+        """The ring slot of the prefix after ``count`` steps, growing the ring to hold it."""
+        slot = count % (self.window + 1)
+        if slot >= len(self.prefix):
+            grown = np.zeros((min(self.window + 1, max(2 * len(self.prefix), slot + 1)), *self.prefix.shape[1:]))
+            grown[: len(self.prefix)] = self.prefix
+            self.prefix = grown
+        return slot
 
     def update(self, x: ArrayLike) -> F64:
-        self._push(x)
-        valid = ~np.isnan(self.buffer)
-        n = valid.sum(axis=0)
-        total = np.where(valid, self.buffer, 0.0).sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where((n >= max(self.min_periods, 1)) & (n > 0), total / n, np.nan)
+        if not self.shape and isinstance(x, (float, int, np.floating, np.integer)):
+            return self._update_scalar(as_scalar(x))
+        x = missing_inf(self._input(x))
+        valid = ~np.isnan(x)
+        slots = self.window + 1
+        count = int(self.count)
+        current = _sums.advance(self.prefix[count % slots], np.where(valid, x, 0.0), valid.astype(np.float64))
+        count += 1
+        slot = self._slot(count)  # may grow the ring: index the new one
+        self.prefix[slot] = current
+        self.count = np.asarray(count, dtype=np.int64)
+        total, n = _sums.window_sum(current, self.prefix[max(count - self.window, 0) % slots])
+        return window_mean(total, n, self.min_periods)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; a state saved before the compensated sums (``buffer``: the last
+        ``window`` raw values, ``count``) is converted by summing those values from zero, so the averages
+        continue to within rounding of an uninterrupted stream."""
+        if "prefix" in state or "buffer" not in state:
+            self._load_prefix(state)
+            return
+        buffer = np.asarray(state["buffer"], dtype=np.float64)
+        if buffer.shape != (self.window, *self.shape):
+            raise ValueError(
+                f"SMAStream state 'buffer' has shape {buffer.shape}, expected {(self.window, *self.shape)}"
+            )
+        count = int(np.asarray(state.get("count", 0)))
+        if count < 0:
+            raise ValueError(f"SMAStream state 'count' must be >= 0, got {count}")
+        kept = min(count, self.window)
+        order = (np.arange(self.window) + count) % self.window  # oldest first
+        prefix = np.zeros((self.window + 1, *self.prefix.shape[1:]))
+        step = count - kept  # the sums restart from zero at this step
+        current = prefix[step % (self.window + 1)]
+        for value in buffer[order][self.window - kept :]:
+            value = missing_inf(value)
+            valid = ~np.isnan(value)
+            current = _sums.advance(current, np.where(valid, value, 0.0), valid.astype(np.float64))
+            step += 1
+            prefix[step % (self.window + 1)] = current
+        self.prefix, self.count = prefix, np.asarray(count, dtype=np.int64)
+
+    def _load_prefix(self, state: dict[str, Any]) -> None:
+        missing = [n for n in self._state if n not in state]
+        if missing:
+            raise ValueError(f"SMAStream state is missing {missing}")
+        prefix = np.asarray(state["prefix"], dtype=np.float64)
+        count = int(np.asarray(state["count"]))
+        if count < 0:
+            raise ValueError(f"SMAStream state 'count' must be >= 0, got {count}")
+        least = min(count, self.window) + 1  # every slot written so far
+        if prefix.shape[1:] != self.prefix.shape[1:] or not least <= len(prefix) <= self.window + 1:
+            raise ValueError(
+                f"SMAStream state 'prefix' has shape {prefix.shape}, expected ({least}..{self.window + 1}, "
+                f"{', '.join(map(str, self.prefix.shape[1:]))}) for window={self.window} after {count} steps"
+            )
+        self.prefix, self.count = prefix.copy(), np.asarray(count, dtype=np.int64)
+
+    def _update_scalar(self, x: float) -> F64:
+        """``update`` for one stream (shape ()) in Python floats: ``_sums.advance`` and ``window_sum``
+        written out, the same IEEE operations in the same order (the tests compare the bits), without
+        twenty numpy calls on 0-d arrays."""
+        valid = x == x  # not NaN
+        value = x if valid else 0.0
+        slots = self.window + 1
+        count = int(self.count)
+        p0, p1, p2, pn = self.prefix[count % slots].tolist()
+        s0 = p0 + value
+        bb = s0 - p0
+        err = (p0 - (s0 - bb)) + (value - bb)
+        s1 = p1 + err
+        bb = s1 - p1
+        err = (p1 - (s1 - bb)) + (err - bb)
+        s2 = p2 + err
+        sn = pn + (1.0 if valid else 0.0)
+        count += 1
+        slot = self._slot(count)  # may grow the ring: index the new one
+        self.prefix[slot] = (s0, s1, s2, sn)
+        self.count = np.asarray(count, dtype=np.int64)
+        l0, l1, l2, ln = self.prefix[max(count - self.window, 0) % slots].tolist()
+        total = (s0 - l0) + ((s1 - l1) + (s2 - l2))
+        n = sn - ln
+        return np.asarray(total / n if n >= max(self.min_periods, 1) and n > 0 else math.nan)
+
+
+def window_mean(total: F64, n: F64, min_periods: int) -> F64:
+    """total / n where the window holds at least ``min_periods`` (and at least one) valid values, else NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.where((n >= max(min_periods, 1)) & (n > 0), total / n, np.nan), dtype=np.float64)
 
 
 class WMAStream(_WindowStream):
     """Weighted moving average over the last ``window`` values; ``weights[-1]`` weighs the newest value
-    (default 1, 2, ..., window). NaN while the window is not full or holds a NaN."""
+    (default 1, 2, ..., window). NaN while the window is not full or holds a NaN or an infinity."""
 
     def __init__(self, shape: int | tuple[int, ...] = (), *, window: int, weights: ArrayLike | None = None) -> None:
         super().__init__(shape, window)
         self.weights = wma_weights(self.window, weights)
 
     def update(self, x: ArrayLike) -> F64:
-        self._push(x)
+        self._push(missing_inf(self._input(x)))
         order = (np.arange(self.window) + int(self.count)) % self.window  # oldest first
         window = self.buffer[order]
         return np.asarray(np.tensordot(self.weights, window, axes=(0, 0)) / self.weights.sum(), dtype=np.float64)
@@ -264,9 +370,9 @@ class DebiasedStream(_Stream):
 
     def __init__(self, shape: int | tuple[int, ...] = (), *, smoothing: float) -> None:
         self.shape = _shape(shape)
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
+        self.smoothing = as_float(smoothing, "smoothing", minimum=0.0)
+        if not self.smoothing < 1.0:
             raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
-        self.smoothing = float(smoothing)
         self.last = np.zeros(self.shape)
         self.n = np.zeros(self.shape, dtype=np.int64)
 

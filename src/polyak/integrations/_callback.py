@@ -1,0 +1,68 @@
+"""What the Lightning and Hugging Face callbacks share: building the EMA (same default decay as
+``polyak.EMA``), checking the index and warm-up arguments, deciding when the average is evaluated, and
+holding the averaged weights swapped in across trainer events.
+
+Only public names of ``polyak`` are used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+from torch import nn
+
+from polyak._validate import as_int
+from polyak.ema import EMA, DecayLike
+
+__all__ = ["AveragedSwap", "build_ema", "check_index", "check_start", "is_warm"]
+
+
+def build_ema(model: nn.Module, decay: DecayLike | Sequence[DecayLike] | None, index: int, **ema_kwargs: Any) -> EMA:
+    """``polyak.EMA(model, decay, **ema_kwargs)``; ``decay=None`` takes ``EMA``'s own default, so a callback
+    and a plain ``EMA(model)`` average alike. Fails now on an ``index`` out of range, not at the first
+    evaluation."""
+    ema = EMA(model, **ema_kwargs) if decay is None else EMA(model, decay=decay, **ema_kwargs)
+    ema.check_index(index)
+    return ema
+
+
+def check_index(index: Any) -> int:
+    """``index`` as an int (numpy integers accepted), checked before there is an EMA to check its range
+    (``EMA.check_index`` does that in ``build_ema``)."""
+    return as_int(index, "index")
+
+
+def check_start(value: Any, name: str) -> int:
+    """A warm-up threshold (``eval_start_step``, ``eval_start_epoch``): an int >= 0."""
+    return as_int(value, name, minimum=0)
+
+
+def is_warm(ema: EMA | None, step: int, eval_start_step: int, epoch: int = 0, eval_start_epoch: int = 0) -> bool:
+    """Whether the average is evaluated: it exists, has seen an update, and the trainer has reached
+    ``eval_start_step`` (optimizer steps) and ``eval_start_epoch``. Before that the live weights are
+    evaluated (a cold average is mostly the initial weights)."""
+    return ema is not None and ema.step > 0 and step >= eval_start_step and epoch >= eval_start_epoch
+
+
+class AveragedSwap:
+    """Holds ``ema.apply(index)`` open from one trainer event to another: ``swap_in`` puts the averaged
+    weights into the model (once; a second call while in is a no-op), ``swap_out`` restores the live
+    weights (a no-op when they are in)."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self.active = False
+
+    def swap_in(self, ema: EMA, index: int) -> None:
+        if self.active:
+            return
+        self._stack.enter_context(ema.apply(index))
+        self.active = True
+
+    def swap_out(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        self._stack.close()

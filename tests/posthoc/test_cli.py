@@ -1,0 +1,48 @@
+"""``polyak posthoc DIR --sigma-rel S -o out.safetensors --plot p.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from polyak.cli import main
+from polyak.posthoc import PostHocEMA
+from tests.posthoc.helpers import model, random_walk, set_weights
+
+
+def _run(directory: Path) -> PostHocEMA:
+    net = model()
+    ph = PostHocEMA(net, snapshot_every=20, directory=directory, update_every=2)
+    for theta in random_walk(100):
+        set_weights(net, theta)
+        ph.update()
+    return ph
+
+
+def test_cli_writes_the_synthesis_and_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ph = _run(tmp_path / "run")
+    out, png = tmp_path / "m.safetensors", tmp_path / "p.png"
+    code = main(["posthoc", str(tmp_path / "run"), "--sigma-rel", "0.07", "-o", str(out), "--plot", str(png)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "relative profile error" in text
+    assert f"{ph.weights(0.07).error:.2e}" in text
+    got = load_file(out)
+    want = ph.synthesize(0.07)
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _run(tmp_path / "run")
+    assert main(["posthoc", str(tmp_path / "run"), "--sigma-rel", "0.07", "--at", "50"]) == 2
+    assert "not a snapshot step" in capsys.readouterr().err
+    assert main(["posthoc", str(tmp_path / "run"), "--sigma-rel", "0.07", "-o", str(tmp_path / "m.pt")]) == 2
+    assert "safetensors" in capsys.readouterr().err
+    assert main(["posthoc", str(tmp_path), "--sigma-rel", "0.07"]) == 2
+    assert "not a polyak.PostHocEMA snapshot directory" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
