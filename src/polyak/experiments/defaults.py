@@ -242,8 +242,6 @@ def report_lines(results: dict[str, dict[str, Any]], analysis: dict[str, Any]) -
         "| candidate | schedule | vs raw W/T/L | vs best B/T/L | mean rank | never worse than raw |",
         "|---|---|---|---|---|---|",
     ]
-    from polyak.experiments.runner import AverageSpec
-
     for n, t in sorted(tally.items(), key=lambda kv: kv[1]["mean_rank"]):
         spec = AverageSpec(**specs[n])
         lines.append(

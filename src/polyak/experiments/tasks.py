@@ -20,10 +20,13 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from polyak.experiments.runner import RunConfig
 
 __all__ = ["METRICS", "TASKS", "Task", "build_task", "train_task"]
 
@@ -48,7 +51,7 @@ class Task(Protocol):
         ...
 
 
-def build_task(config: Any, seed: int) -> Task:
+def build_task(config: RunConfig, seed: int) -> Task:
     """The task named by ``config.dataset`` for ``seed`` (sizes from ``config.hidden`` and ``config.extra``)."""
     if config.dataset == "swissroll":
         from polyak.experiments.diffusion import SwissRollDiffusion
@@ -61,11 +64,11 @@ def build_task(config: Any, seed: int) -> Task:
     raise ValueError(f"unknown task {config.dataset!r}; choose one of {', '.join(TASKS)}")
 
 
-def steps_per_epoch(config: Any) -> int:
+def steps_per_epoch(config: RunConfig) -> int:
     return int(config.extra.get("steps_per_epoch", DEFAULT_STEPS_PER_EPOCH))
 
 
-def train_task(config: Any, seed: int) -> dict[str, Any]:
+def train_task(config: RunConfig, seed: int) -> dict[str, Any]:
     """Train ``config.dataset`` for ``config.epochs`` evaluation intervals; evaluate raw and every average
     after each. ``config`` is a ``runner.RunConfig``; averages with ``debias=True`` share a second EMA."""
     from polyak import EMA, schedules
