@@ -259,3 +259,44 @@ def lerp_lists_weighted_(
                 lerp_weighted_(v, s, w)
         else:
             torch._foreach_lerp_(row, srcs, [w] * len(row))
+
+
+# --- the one entry point ------------------------------------------------------------------------------
+
+
+def lerp_shadows_(
+    views: Sequence[list[Tensor]],
+    flat: Tensor,
+    sources: Sequence[Tensor],
+    source: Tensor | None,
+    weights: Sequence[float] | Tensor,
+    ok: Tensor | None = None,
+    *,
+    same_dtype: bool = False,
+) -> None:
+    """``shadow_k <- lerp(shadow_k, weight_source, weights[k])`` for every average k of one shadow group.
+
+    The group is given both ways: ``views[k][i]`` / ``sources[i]`` (per tensor) and the ``(K, N)``
+    ``flat`` buffer with ``source``, its live weights as one ``(N,)`` tensor (None: use the per-tensor
+    form). ``weights`` are Python floats (the host decided: 1 copies, 0 is never passed) or a ``(K,)``
+    tensor of ``lerp_weight_dtype`` (decided on the device: 1 copy, 0 off-step). ``ok``, a 0-dim bool
+    tensor never read by the host, makes the whole call a bit-exact no-op where False.
+    """
+    if isinstance(weights, Tensor):
+        if source is None:
+            lerp_lists_weighted_(views, sources, weights, ok)
+        else:
+            lerp_rows_weighted_(flat, source, weights, ok)
+        return
+    if ok is None:
+        if source is None:
+            lerp_tensor_major_(views, list(sources), weights, same_dtype=same_dtype)
+        else:
+            lerp_rows_(flat, source, weights)
+        return
+    if source is not None:
+        masked_lerp_rows_(flat, source, weights, ok)
+        return
+    for row, w in zip(views, weights):  # each source replaced by the shadow itself where refused
+        masked = [torch.where(ok, s.to(device=v.device, dtype=v.dtype), v) for s, v in zip(sources, row)]
+        lerp_(row, masked, w)

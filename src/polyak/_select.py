@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 BufferPolicy = Literal["average", "copy", "skip"]
 BUFFER_POLICIES: tuple[str, ...] = ("average", "copy", "skip")
@@ -91,6 +93,24 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def refuse_unsupported(key: str, tensor: torch.Tensor, is_buffer: bool) -> None:
+    """A clear error for a tensor that holds no data to average or copy: an uninitialised lazy
+    parameter (``nn.LazyLinear`` before its first forward) or a meta tensor (``torch.device("meta")``,
+    ``init_empty_weights``). Sparse tensors are refused where they would be averaged (``select``)."""
+    what = "buffer" if is_buffer else "parameter"
+    if is_lazy(tensor):
+        raise ValueError(
+            f"{what} {key!r} is an uninitialised lazy {what} (e.g. nn.LazyLinear before its first forward "
+            "pass), so it has no shape yet; run one forward pass with a sample batch before building the EMA"
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"{what} {key!r} is on the meta device (it has a shape but no data, e.g. built under "
+            "torch.device('meta') or init_empty_weights); materialise the model first (model.to_empty("
+            "device=...) and load or initialise the weights), then build the EMA"
+        )
+
+
 def select(
     model: nn.Module,
     *,
@@ -113,6 +133,8 @@ def select(
     for model_key, tensor, is_buffer in raw:
         slot = entries.setdefault(id(tensor), ([], tensor, is_buffer))
         slot[0].append(model_key)
+    for model_keys, tensor, is_buffer in entries.values():
+        refuse_unsupported(model_keys[0], tensor, is_buffer)
 
     selected: list[Selected] = []
     seen: dict[str, str] = {}
@@ -143,6 +165,12 @@ def select(
                 used_exc.update(hits)
                 if hits:
                     mode = "live"
+        if mode == "average" and tensor.layout != torch.strided:
+            raise ValueError(
+                f"{'buffer' if is_buffer else 'parameter'} {model_keys[0]!r} is a sparse tensor ({tensor.layout}); "
+                f"polyak averages dense tensors: leave it out with exclude={key!r} (the averaged model then "
+                "uses its live value) or make it dense"
+            )
         selected.append(Selected(key, tuple(model_keys), tensor, is_buffer, mode, tuple(tensor.shape)))
 
     for what, patterns, used in (("include", inc, used_inc), ("exclude", exc, used_exc)):
@@ -162,3 +190,51 @@ def select(
             )
         raise ValueError("include/exclude left no parameter to average; loosen the patterns")
     return selected
+
+
+def refuse_sharded(selected: list[Selected]) -> None:
+    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) hold one shard per rank behind a
+    global shape: averaging them needs each rank to average its own shard, which is not built yet. Say
+    so, instead of failing later inside a foreach kernel with 'mixed torch.Tensor and DTensor'."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: nothing to import or check
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [s.key for s in selected if s.mode == "average" and isinstance(s.tensor, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"{len(sharded)} tensor(s) of the model are DTensors (sharded by FSDP2's fully_shard or tensor "
+            f"parallelism), e.g. {sharded[:3]}; polyak cannot average sharded parameters yet. Use DDP "
+            "(supported: every rank averages the full model), or include=/exclude= to average only the "
+            "tensors that are not sharded"
+        )
+
+
+def copy_pairs(
+    ours: Sequence[Selected], targets: Sequence[Selected], averaged: dict[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(target tensor, value) for ``EMA.copy_to``: the average where there is one, else the live value;
+    ``buffers="skip"`` tensors are left alone. Raises a ValueError, before anything is written, when the
+    target's keys or shapes differ from the averaged model's."""
+    mine = {s.key: s for s in ours}
+    theirs = {s.key: s for s in targets}
+    skipped = {k for k, s in mine.items() if s.mode == "skip"}
+    missing = sorted(set(mine) - set(theirs) - skipped)
+    unexpected = sorted(set(theirs) - set(mine))
+    if missing or unexpected:
+        raise ValueError(
+            "copy_to: the target model does not match the averaged model: "
+            f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}; pass a model of the same "
+            "architecture"
+        )
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for key, dst in theirs.items():
+        if key in skipped:
+            continue
+        src = averaged[key] if key in averaged else mine[key].tensor
+        if dst.tensor.shape != src.shape:
+            raise ValueError(
+                f"copy_to: shape mismatch for {key!r}: averaged {tuple(src.shape)} vs target {tuple(dst.tensor.shape)}"
+            )
+        pairs.append((dst.tensor, src))
+    return pairs

@@ -1,25 +1,41 @@
 """``EMA``: an exponential (or uniform) moving average of a model's weights, matched by name.
 
-The class is thin: it validates once, holds typed state (step counter, decay products, shadow groups)
-and calls the pure kernels in ``polyak._kernels``. The model is never deep-copied: shadows are flat
-buffers keyed by the model's normalised parameter names (see ``polyak._storage``).
+A facade: it validates once, holds typed state and calls one engine for every mode (see
+``docs/architecture.md``): ``_watch`` (has the model changed?), ``_decide`` (what this call does),
+``_readers`` (the live weights of each shadow group), ``_kernels`` (the finiteness check and the one
+weighted-lerp family), ``_counters`` (the bookkeeping, on the host or on the device). The model is never
+deep-copied: shadows are flat buffers keyed by the model's normalised parameter names (``_layout``).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from polyak import _capturable, _kernels, _state
-from polyak._select import BufferPolicy, Pattern, Selected, select
-from polyak._storage import Group, build_groups, copy_to_host, flatten_sources, plan_group, sources_moved
-from polyak.schedules import DEFAULT_DECAY, TensorSchedule, as_schedule
+from polyak import _kernels, _state
+from polyak._counters import Counters, DeviceCounters, advance, refusal_message
+from polyak._decide import (
+    Decision,
+    TensorDecision,
+    check_tensor_forms,
+    checked_decay,
+    decay_product,
+    decide,
+    decide_tensor,
+    tensor_schedules,
+)
+from polyak._layout import Group, build_groups, check_one_device
+from polyak._readers import flatten_sources, plan_reader
+from polyak._select import BufferPolicy, Pattern, Selected, copy_pairs, refuse_sharded, select
+from polyak._validate import as_bool, as_int
+from polyak._watch import ModelWatch
+from polyak.schedules import DEFAULT_DECAY, as_schedule
 
 __all__ = ["EMA", "NonFinitePolicy"]
 
@@ -32,56 +48,6 @@ STATE_VERSION = _state.STATE_VERSION
 
 DecayLike = float | Callable[[int], float]
 
-# --- detecting a model that changed after the EMA was built ------------------------------------------
-# torch calls these process-wide hooks whenever any module registers a parameter, buffer or submodule.
-# They only bump a counter; an EMA re-checks its model (a full walk) only when the counter has moved, so
-# the common update costs one integer comparison instead of a walk over thousands of tensors.
-_generation = 0
-_hooks_installed = False
-
-
-def _bump_generation(*_: object) -> None:
-    global _generation
-    _generation += 1
-
-
-def _install_registration_hooks() -> None:
-    global _hooks_installed
-    if _hooks_installed:
-        return
-    from torch.nn.modules import module as torch_module
-
-    torch_module.register_module_parameter_registration_hook(_bump_generation)
-    torch_module.register_module_buffer_registration_hook(_bump_generation)
-    torch_module.register_module_module_registration_hook(_bump_generation)
-    _hooks_installed = True
-
-
-def _check_int(value: object, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
-def _refuse_sharded(selected: list[Selected]) -> None:
-    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) hold one shard per rank behind a
-    global shape: averaging them needs each rank to average its own shard, which is not built yet. Say
-    so, instead of failing later inside a foreach kernel with 'mixed torch.Tensor and DTensor'."""
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: nothing to import or check
-        return
-    from torch.distributed.tensor import DTensor
-
-    sharded = [s.key for s in selected if s.mode == "average" and isinstance(s.tensor, DTensor)]
-    if sharded:
-        raise ValueError(
-            f"{len(sharded)} tensor(s) of the model are DTensors (sharded by FSDP2's fully_shard or tensor "
-            f"parallelism), e.g. {sharded[:3]}; polyak cannot average sharded parameters yet. Use DDP "
-            "(supported: every rank averages the full model), or include=/exclude= to average only the "
-            "tensors that are not sharded"
-        )
-
 
 class EMA:
     """A moving average of a model's parameters (and float buffers), held as named shadow tensors.
@@ -92,13 +58,13 @@ class EMA:
 
     Args:
         model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied.
-        decay: a float in [0, 1) (constant decay), a schedule ``t -> beta_t`` from ``polyak.schedules``,
-            or a sequence of those to keep several averages at once (``index=`` selects one). Default:
-            ``schedules.DEFAULT_DECAY``, the power-function EMA ``(1 - 1/t) ** 17.97`` (EDM2, sigma_rel 0.05).
+        decay: a float in [0, 1] (constant decay; 1 freezes the average), a schedule ``t -> beta_t`` from
+            ``polyak.schedules``, or a sequence of those to keep several averages (``index=`` selects one).
+            Default: ``schedules.DEFAULT_DECAY``, the power-function EMA ``(1 - 1/t) ** 17.97`` (EDM2, sigma_rel 0.05).
         start_step: for the first ``start_step`` calls of ``update()`` the shadow copies the weights.
         update_every: average on every k-th call only, with the decays of the k steps multiplied
             (``beta**k`` for a constant beta), so the result does not depend on k when the weights are
-            constant between updates.
+            constant between updates; long products use the schedule's closed form.
         include, exclude: names, glob patterns (``"*.bias"``), module prefixes (``"backbone"``) or compiled
             regexes. Parameters left out are not shadowed: the averaged model uses their live values.
         buffers: ``"average"`` float buffers (e.g. BatchNorm statistics), ``"copy"`` their live values
@@ -111,60 +77,37 @@ class EMA:
         debias: zero-initialised shadow with bias correction ``shadow / (1 - prod(beta))`` (Adam-style);
             the average is exact from the first update, whatever the decay.
         nonfinite: what an update does when a weight holds NaN or inf: ``"raise"`` a ValueError naming
-            the tensors and leave the average untouched (default), ``"skip"`` that update (logged), or
-            ``"ignore"`` (no check; fastest; the NaN enters the average). The check reads every weight
-            once more: on CPU one sum per tensor (finite only if every element is; an overflowing sum is
-            re-checked exactly with ``aminmax``, so no false alarms), read before anything is written.
-            On CUDA the update never waits for the device: the flag stays on the device and masks the
-            update (a non-finite update leaves every average bit-for-bit unchanged), a copy of it
-            travels to pinned host memory, and the error (``"raise"``) or the skip count and log line
-            (``"skip"``) happen at the next point where the host looks: the next ``update()`` whose
-            flag copy has landed, or ``apply``/``copy_to``/``averaged_state_dict``/
-            ``state_dict``/``synchronize()``, which wait for it.
+            the tensors (default), ``"skip"`` that update (counted in ``skipped_updates``, logged), or
+            ``"ignore"`` (no check; fastest; the NaN enters the average). A refused update leaves every
+            average and the debias products bit-for-bit unchanged. On CPU the check (one sum per tensor,
+            re-checked exactly with ``aminmax`` if a sum overflows) runs before anything is written. On
+            CUDA the update never waits for the device: the flag masks the update on the device, the
+            counters live there, and the error or the skip count happen at the next point where the host
+            looks: the next ``update()`` whose copy of the count has landed, or ``apply``/``copy_to``/
+            ``averaged_state_dict``/``state_dict``/``synchronize()``, which wait for it.
         flatten: opt-in speed-up for models with many small tensors: make the model's averaged tensors
             views into one contiguous buffer per (device, dtype), laid out like the shadows, so an update
             is one flat ``lerp_`` per average with no gather (as FSDP/DeepSpeed flat parameters do).
             Parameters keep their identity (``p.data`` is re-pointed), so an optimizer built before or
             after keeps working; build the EMA before ``torch.compile``, DDP/FSDP wrapping, or anything
-            that records parameter addresses (CUDA graphs). If a parameter is later re-assigned (e.g.
-            ``model.half()``, ``p.data = ...``), the next update notices, logs a warning and falls back
-            to the default path. The check costs one read of the flat buffer's storage use count per
-            update; only when that count changes are the tensors' ``data_ptr`` compared. A re-assignment
-            made while a new view of a parameter is created and kept alive across the same ``update()``
-            leaves the count unchanged and is not seen (see ``_storage.sources_moved``).
-        capturable: opt-in (the name follows ``torch.optim``'s ``capturable=True``): the step counter, the
-            debias products and the count of refused updates live as tensors on the shadow device, and
-            ``update()`` runs the same tensor ops on every call, with no host read and no Python branch on
-            the step, so a CUDA graph can capture it (``torch.cuda.graph``, or ``torch.compile(...,
-            mode="reduce-overhead")`` around the training step) and ``torch.compile(fullgraph=True)``
-            traces it once, without recompiling as the step advances. Each decay is computed on the device
-            from the step by the schedule's tensor form (``at_tensor``: every built-in schedule has one; a
-            plain callable raises a TypeError) in float64; a copy (``start_step``) is lerp weight 1 and an
-            off-step of ``update_every`` weight 0, chosen by ``torch.where``; the weight is cast to the
-            shadow's compute dtype as the default path casts its Python float. The shadows equal the
-            default path's bit for bit on CPU (tested), except that ``ultralytics`` uses ``torch.exp``,
-            which can differ from ``math.exp`` in the last bit of float64 (``polyak.schedules``), and a -0.0
-            in a shadow may become +0.0 (lerp arithmetic: -0.0 + 0.0 is +0.0). The finiteness check masks the
-            update on the device (a refused update leaves every average and the debias products
-            unchanged, and is counted there); the host looks only in ``synchronize()``, ``apply``,
-            ``copy_to``, ``averaged_state_dict`` and ``state_dict``, where ``"raise"`` raises and
-            ``"skip"`` adds to ``skipped_updates``. Reading ``ema.step``, ``ema.last_decays`` or
-            ``repr(ema)`` waits for the device (a sync). Costs: 35 to 100 tiny ops per update (58 for one
-            average with the check, 101 for three with ``update_every=2``), free inside a CUDA graph or
-            fused by inductor but launch-bound when run eagerly; off-steps do the full work with weight 0;
-            no cache-blocking for K > 1. Not supported: shadows on another device than the weights
-            (``device="cpu"`` offload: ValueError). After capturing or compiling, do not re-assign
-            parameters (``p.data = ...``, ``model.to()``): a captured graph keeps reading the old memory.
-            Under ``nonfinite="ignore"`` an inf weight on an off-step still reaches the average
-            (``lerp(s, inf, 0)`` is NaN), unlike the default path.
+            that records parameter addresses (CUDA graphs). If a parameter is later re-assigned
+            (``model.half()``, ``p.data = ...``) the next update notices (one read of the buffer's storage
+            use count per update), logs a warning and falls back to the default path.
+        capturable: opt-in (named after ``torch.optim``'s ``capturable=True``): the counters live as
+            tensors on the shadow device and ``update()`` runs the same tensor ops on every call, with no
+            host read and no Python branch on the step, so a CUDA graph can capture it and
+            ``torch.compile(fullgraph=True)`` traces it once. Each decay comes from the schedule's tensor
+            form (``at_tensor``; a plain callable raises a TypeError); a copy is lerp weight 1 and an
+            off-step weight 0. The shadows equal the default path's bit for bit on CPU (tested), except
+            that ``ultralytics`` uses ``torch.exp`` (may differ from ``math.exp`` in the last bit), a -0.0
+            may become +0.0, and under ``nonfinite="ignore"`` an inf weight on a copy or off-step becomes
+            NaN. Refusals are reported in ``synchronize()``, ``apply``, ``copy_to``,
+            ``averaged_state_dict`` and ``state_dict``; reading ``step``/``last_decays`` waits for the
+            device. Costs 35 to 100 tiny ops per update (free inside a CUDA graph, launch-bound eagerly).
+            Not supported: shadows on another device than the weights (``device="cpu"``: ValueError).
+            After capturing, do not re-assign parameters: a captured graph keeps reading the old memory.
 
-    Layout and speed: shadows live in one ``(K, N)`` buffer per (device, dtype). Groups of many small
-    tensors are gathered with one ``torch.cat`` per update (when K > 1 or the NaN check reads the flat
-    source too) and updated by flat ``lerp_`` calls; groups of
-    large tensors use ``_foreach_lerp_`` (K = 1) or a cache-blocked per-tensor loop (K > 1) that reads each
-    weight from memory about once for all K averages. A gathered group keeps one scratch buffer of N
-    elements (one more shadow's worth of memory for that group). Every path runs the reference arithmetic
-    ``shadow.lerp_(weight.to(shadow.dtype), 1 - beta)`` and gives the same bits.
+    How one update runs (readers, kernels, counters) is described in ``docs/architecture.md``.
     """
 
     def __init__(
@@ -186,83 +129,69 @@ class EMA:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"EMA expects a torch.nn.Module, got {type(model).__name__}")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "EMA was built inside torch.inference_mode(): its averages would be inference tensors, which "
+                "no later update() may change. Build the EMA outside the inference_mode() block (e.g. before "
+                "the training loop); use torch.no_grad() if you need to disable autograd"
+            )
         decays: Sequence[DecayLike] = decay if isinstance(decay, (list, tuple)) else [decay]  # type: ignore[list-item]
         if not decays:
             raise ValueError("decay is an empty sequence; pass a float, a schedule, or a non-empty list")
         self.schedules: tuple[Callable[[int], float], ...] = tuple(as_schedule(d) for d in decays)
         for i, schedule in enumerate(self.schedules):
-            self._checked_decay(schedule, 1, i)  # fail at construction, not at the first update
-        self.start_step = _check_int(start_step, "start_step", 0)
-        self.update_every = _check_int(update_every, "update_every", 1)
+            checked_decay(schedule, 1, i)  # fail at construction, not at the first update
+        self.start_step = as_int(start_step, "start_step", minimum=0)
+        self.update_every = as_int(update_every, "update_every", minimum=1)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
-        if not isinstance(debias, bool):
-            raise TypeError(f"debias must be a bool, got {debias!r}")
+        self.debias = as_bool(debias, "debias")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if not isinstance(flatten, bool):
-            raise TypeError(f"flatten must be a bool, got {flatten!r}")
-        if not isinstance(capturable, bool):
-            raise TypeError(f"capturable must be a bool, got {capturable!r}")
-        tensor_schedules: list[TensorSchedule] = []
-        for i, schedule in enumerate(self.schedules if capturable else ()):
-            if not isinstance(schedule, TensorSchedule):
-                raise TypeError(
-                    f"EMA(capturable=True) computes each decay on the device, but schedule {schedule!r} "
-                    f"(decay index {i}) has no tensor form. Use a float or a schedule from polyak.schedules, "
-                    "give your schedule an `at_tensor(t: Tensor) -> Tensor` method computing the same "
-                    "formula with torch ops (see polyak.schedules.TensorSchedule), or pass capturable=False"
-                )
-            tensor_schedules.append(schedule)
-        self._tensor_schedules = tuple(tensor_schedules)  # the schedules again, typed, when capturable
+        self.flatten = as_bool(flatten, "flatten")
+        self.capturable = as_bool(capturable, "capturable")
+        self._tensor_schedules = tensor_schedules(self.schedules, self.update_every) if capturable else ()
 
         self.model = model
         self.buffers: BufferPolicy = buffers
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
-        self.debias = debias
         self.nonfinite: NonFinitePolicy = nonfinite
         self._include = include
         self._exclude = exclude
-
-        self._step = 0  # calls of update(); with capturable, a host copy of _device.step (see `step`)
-        self.skipped_updates = 0  # updates refused by nonfinite="skip"
-        self._last_decays: tuple[float, ...] = tuple(0.0 for _ in self.schedules)
-        # prod(beta) over every averaging update per average; 1.0 is the empty product. With debias the
-        # average is shadow / (1 - product); a copy counts as beta = 0.
-        self._products: list[float] = [1.0 for _ in self.schedules]
+        self.skipped_updates = 0  # updates refused by nonfinite="skip" (and reported)
         self._applied = False
-        self.flatten = flatten
-        self.capturable = capturable
-        # capturable=True: the counters as device tensors; the host fields above are copies refreshed by
-        # _poll(block=True). None otherwise.
-        self._device: _capturable.DeviceState | None = None
-        # CUDA only: (step, decays or None for a copy, host flag, event) of device-side finiteness checks
-        # whose result the host has not looked at yet.
-        self._pending: list[tuple[int, tuple[float, ...] | None, Tensor, Any]] = []
         self._hooks: list[Any] = []
-
-        _install_registration_hooks()
-        self._generation = _generation
         self._selected: list[Selected] = select(model, include=include, exclude=exclude, buffers=buffers)
-        _refuse_sharded(self._selected)
-        self._buffer_slots = self._find_buffer_slots()
-        self._param_probes = self._find_param_probes()
+        refuse_sharded(self._selected)
+        self._watch = ModelWatch(model, self._selected)
         self._groups: list[Group] = build_groups(
             self._selected, num_averages=len(self.schedules), dtype=dtype, device=self.device
         )
+        # The bookkeeping: host numbers; with counters on the device (capturable, or a CUDA model with the
+        # NaN check) the device holds the truth and the host copy is refreshed by _poll.
+        self._counters = Counters.fresh(self.num_averages)
+        self._device: DeviceCounters | None = None
         if capturable:
-            self._device = self._capturable_state()
+            check_one_device(self._groups, self.device)
+            device = self._groups[0].device if self._groups else (self.device or torch.device("cpu"))
+            check_tensor_forms(self._tensor_schedules, device)
         with torch.no_grad():
             for group in self._groups:
-                for views in group.views:
-                    if debias:
-                        group.flat.zero_()
-                    else:
+                if debias:
+                    group.flat.zero_()
+                else:
+                    for views in group.views:
                         _kernels.copy_(views, group.sources)
         for group in self._groups:
             self._plan(group)
-            if flatten and not flatten_sources(group):
+        if capturable or (self.nonfinite != "ignore" and self._check_on_device()):
+            # on the device that computes the flag (a CUDA group if any): the host never reads it there
+            places = [g.device for g in self._groups if g.device.type == "cuda"] + [g.device for g in self._groups]
+            self._device = DeviceCounters.create(places[0] if places else torch.device("cpu"), self.num_averages)
+        for group in self._groups if flatten else ():
+            reader = flatten_sources(group.sources, group.dtype, group.device)
+            if reader is None:
                 log.info(
                     "polyak: EMA(flatten=True) left %d tensor(s) of shadow group (%s, %s) as they are: "
                     "they differ in dtype/device or are not contiguous",
@@ -270,72 +199,88 @@ class EMA:
                     group.device,
                     group.dtype,
                 )
+            else:
+                group.reader = reader
 
     def _plan(self, group: Group) -> None:
-        # On CUDA (and always when capturable) the finiteness check masks the update on the device, which
+        # With the check on the device (CUDA, or capturable) the update is masked on the device, which
         # needs a flat source.
         masked = (group.device.type == "cuda" or self.capturable) and self.nonfinite != "ignore"
-        plan_group(group, self.num_averages, check=self.nonfinite != "ignore", force_gather=masked)
+        check = self.nonfinite != "ignore"
+        group.reader = plan_reader(
+            group.sources, group.dtype, group.device, num_averages=self.num_averages, check=check, force_gather=masked
+        )
+
+    def _check_on_device(self) -> bool:
+        """True when the finiteness flag lives on a CUDA device (read it later, never in update())."""
+        return any(
+            g.device.type == "cuda" or (g.plan != "offload" and g.sources[0].device.type == "cuda")
+            for g in self._groups
+        )
 
     @property
     def update_plans(self) -> list[tuple[str, str, str, int]]:
-        """How each shadow group is updated: ``(device, dtype, plan, number of tensors)``, where plan is
-        ``"foreach"``, ``"gather"`` or ``"flat"`` (see the class docstring)."""
+        """How each shadow group is read: ``(device, dtype, plan, number of tensors)``, where plan is
+        ``"foreach"``, ``"gather"``, ``"flat"`` or ``"offload"`` (see ``polyak._readers``)."""
         return [(str(g.device), str(g.dtype), g.plan, len(g.sources)) for g in self._groups]
 
-    def _capturable_state(self) -> _capturable.DeviceState:
-        for group in self._groups:
-            moved = sorted({str(s.device) for s in group.sources if s.device != group.device})
-            if moved:
-                raise ValueError(
-                    f"EMA(capturable=True) keeps the shadows on the weights' device, but shadows on {group.device} "
-                    f"were asked for weights on {', '.join(moved)} (device={str(self.device)!r}); copying the weights "
-                    "to another device every update cannot be captured. Leave device=None, or use capturable=False "
-                    "for an offloaded average"
-                )
-        device = self._groups[0].device if self._groups else (self.device or torch.device("cpu"))
-        for i, schedule in enumerate(self._tensor_schedules):
-            self._check_tensor_form(schedule, i, device)
-        return _capturable.DeviceState.create(device, self.num_averages)
+    # --- the counters ----------------------------------------------------------------------------------
+    def _host_counters(self) -> Counters:
+        """The counters on the host (a sync when they live on the device; refusals not acted on)."""
+        if self._device is None:
+            return self._counters
+        read = self._device.read()
+        if not self.capturable:  # the host counts the calls itself
+            read = replace(read, step=self._counters.step)
+        return read
 
-    @staticmethod
-    def _check_tensor_form(schedule: TensorSchedule, index: int, device: torch.device) -> None:
-        """Once, at construction: the tensor form returns a floating tensor that agrees with ``schedule(t)``."""
-        for t in (1, 2, 1000):
-            value = schedule.at_tensor(torch.full((), t, dtype=torch.int64, device=device))
-            if not isinstance(value, Tensor) or not value.is_floating_point() or value.shape != ():
-                raise TypeError(
-                    f"schedule {schedule!r} (decay index {index}): at_tensor(t) must return a floating tensor "
-                    f"shaped like t (here 0-dim), got {value!r}"
-                )
-            expected = EMA._checked_decay(schedule, t, index)
-            if abs(float(value) - expected) > 1e-6:
-                raise ValueError(
-                    f"schedule {schedule!r} (decay index {index}): at_tensor({t}) = {float(value)!r} but "
-                    f"schedule({t}) = {expected!r}; the tensor form must compute the same formula"
-                )
+    def _set_counters(self, **values: Any) -> None:
+        """Overwrite counters (a load): on the host, and in place on the device."""
+        self._counters = replace(self._host_counters(), refused=0, last_refused=0, **values)
+        if self._device is not None:
+            c = self._counters
+            self._device.load(c.step, c.products, c.last_decays)
+
+    @property
+    def _step(self) -> int:
+        return int(self._host_counters().step)
+
+    @_step.setter
+    def _step(self, value: int) -> None:
+        self._set_counters(step=value)
+
+    @property
+    def _products(self) -> list[float]:
+        """prod(beta) over every accepted averaging update, per average (a copy counts as beta = 0)."""
+        return list(self._host_counters().products)
+
+    @_products.setter
+    def _products(self, value: Sequence[float]) -> None:
+        self._set_counters(products=tuple(float(p) for p in value))
+
+    @property
+    def _last_decays(self) -> tuple[float, ...]:
+        return tuple(self._host_counters().last_decays)
+
+    @_last_decays.setter
+    def _last_decays(self, value: Sequence[float]) -> None:
+        self._set_counters(last_decays=tuple(float(d) for d in value))
 
     # --- public properties -----------------------------------------------------------------------------
     @property
     def step(self) -> int:
         """Calls of ``update()`` so far. With ``capturable=True`` the counter lives on the device and
         reading it waits for the device (a sync)."""
-        if self._device is not None:
-            self._step = int(self._device.step.item())
         return self._step
 
     @step.setter
     def step(self, value: int) -> None:
-        self._step = _check_int(value, "step", 0)
-        if self._device is not None:
-            self._device.step.fill_(self._step)
+        self._step = as_int(value, "step", minimum=0)
 
     @property
     def last_decays(self) -> tuple[float, ...]:
-        """The decay of each average at the last averaging update (0.0 after a copy). With
-        ``capturable=True`` reading it waits for the device (a sync)."""
-        if self._device is not None:
-            self._last_decays = tuple(float(d) for d in self._device.last_decays.tolist())
+        """The decay of each average at the last averaging update (0.0 after a copy). When the counters
+        live on the device (``capturable=True``, a checked CUDA model) reading it waits for the device."""
         return self._last_decays
 
     @property
@@ -357,36 +302,17 @@ class EMA:
             f"buffers={self.buffers!r}, debias={self.debias}{', capturable=True' if self.capturable else ''})"
         )
 
-    # --- the update ------------------------------------------------------------------------------------
     def decays_at(self, t: int) -> tuple[float, ...]:
         """The decay of each average at averaging step ``t`` (product over the ``update_every`` steps)."""
         lo = max(1, t - self.update_every + 1)
-        out = []
-        for i, schedule in enumerate(self.schedules):
-            value = 1.0
-            for s in range(lo, t + 1):
-                value *= self._checked_decay(schedule, s, i)
-            out.append(value)
-        return tuple(out)
+        return tuple(decay_product(s, lo, t, i) for i, s in enumerate(self.schedules))
 
-    @staticmethod
-    def _checked_decay(schedule: Callable[[int], float], t: int, index: int) -> float:
-        value = schedule(t)
-        if isinstance(value, Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError(
-                f"schedule {schedule!r} (decay index {index}) returned {type(value).__name__} at t={t}; "
-                "a schedule must return a Python float (no tensors: reading one would sync the device)"
-            )
-        if not (0.0 <= value < 1.0):
-            raise ValueError(
-                f"schedule {schedule!r} (decay index {index}) returned {value!r} at t={t}; decays must be in [0, 1)"
-            )
-        return float(value)
-
+    # --- the update ------------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self) -> None:
         """Fold the model's current weights into the average. Call after ``optimizer.step()``.
 
+        One path for every mode: follow the model, decide, read, check, lerp, advance the counters.
         Never reads a value back from a CUDA device (see ``nonfinite`` for when a NaN is reported).
         """
         if self._applied:
@@ -394,222 +320,141 @@ class EMA:
                 "ema.update() was called inside `with ema.apply():`; the live model holds the averaged "
                 "weights there. Update outside the block."
             )
-        if self._device is not None:
-            self._update_on_device(self._device)
-            return
-        self._poll(block=False)
-        self._check_model_unchanged()
-        t = self._step + 1 - self.start_step
-        if t <= 0:
-            if self._fold(None):
-                self._products = [0.0 for _ in self.schedules]
-                self._last_decays = tuple(0.0 for _ in self.schedules)
-            self._step += 1
-            return
-        if t % self.update_every:
-            self._step += 1
-            return
-        decays = self.decays_at(t)
-        if self._fold(decays):
-            self._last_decays = decays
-            self._products = [p * d for p, d in zip(self._products, decays)]
-        self._step += 1
-
-    def _update_on_device(self, state: _capturable.DeviceState) -> None:
-        """capturable=True: the same tensor ops on every call, no host read (see ``polyak._capturable``)."""
-        if not torch.compiler.is_compiling():  # host-side checks only (no device read); dynamo guards itself
+        compiling = torch.compiler.is_compiling()
+        if not self.capturable:
+            self._poll(block=False)
+        if not compiling:  # host-side checks only (no device read); dynamo guards itself
             self._check_model_unchanged()
-            for group in self._groups:
-                self._refresh_plan(group)
-        state.step.add_(1)
-        decision = _capturable.decide(self._tensor_schedules, state.step, self.start_step, self.update_every)
+        decision: Decision | TensorDecision
+        if self._device is not None and self.capturable:
+            step = self._device.step + 1
+            decision = decide_tensor(self._tensor_schedules, step, self.start_step, self.update_every)
+            weights: Sequence[float] | Tensor = decision.weights
+        else:
+            decision = decide(self.schedules, self._counters.step + 1, self.start_step, self.update_every)
+            weights = decision.weights
+            if not decision.active:
+                self._advance(decision, True)
+                return
         try:
-            sources = [self._device_source(group) for group in self._groups]
-            ok: Tensor | None = None
-            if self.nonfinite != "ignore" and self._groups:
-                ok = torch.stack([f.to(state.step.device) for f in self._flags(sources)]).all()
+            sources = [self._source(group, compiling) for group in self._groups]
+            ok = self._finite(sources)
+            if isinstance(ok, list):  # refused on the host (the tensors named): no shadow is written
+                self._refuse(ok, self._counters.step + 1)  # "raise" raises here: the call is not counted
+                self._advance(decision, False)
+                return
             for group, src in zip(self._groups, sources):
-                dtype = _kernels.lerp_weight_dtype(group.dtype)
-                weights = decision.weights.to(device=group.device, dtype=dtype)
-                gok = None if ok is None else ok.to(group.device)
-                if src is None:
-                    _kernels.lerp_lists_weighted_(group.views, group.sources, weights, gok)
-                else:
-                    _kernels.lerp_rows_weighted_(group.flat, src, weights, gok)
-        except RuntimeError:
-            self._verify_model(strict_identity=False)  # raises a clear error if the model changed
-            raise
-        _capturable.commit_(state, decision, ok)
-
-    def _device_source(self, group: Group) -> Tensor | None:
-        """The capturable update's flat source. Under ``torch.compile``, for real floating sources on the
-        shadow's device: a plain ``cat`` of the live tensors, which inductor fuses into the lerp (no
-        scratch copy, and no cached view left stale by a re-assigned parameter); otherwise the plan's."""
-        if torch.compiler.is_compiling() and all(
-            s.is_floating_point() and s.device == group.device for s in group.sources
-        ):
-            return torch.cat([s.detach().reshape(-1).to(group.dtype) for s in group.sources])
-        return self._flat_source(group)
-
-    def _fold(self, decays: tuple[float, ...] | None) -> bool:
-        """Lerp every shadow towards its source (a copy when ``decays`` is None). Returns False when the
-        update was refused by the finiteness check (policy "skip"; "raise" raises)."""
-        weights = [1.0] * self.num_averages if decays is None else [1.0 - d for d in decays]
-        for group in self._groups:
-            self._refresh_plan(group)
-        try:
-            sources = [self._flat_source(group) for group in self._groups]
-            check = self.nonfinite != "ignore"
-            if check and self._check_on_device():
-                self._fold_masked(sources, weights, decays)
-                return True
-            if check and not self._all_finite_on_host(sources):
-                return False
-            for group, src in zip(self._groups, sources):
-                if src is None:
-                    _kernels.lerp_tensor_major_(group.views, group.sources, weights, same_dtype=group.same_dtype)
-                else:
-                    _kernels.lerp_rows_(group.flat, src, weights)
-        except RuntimeError:
-            self._verify_model(strict_identity=False)  # raises a clear error if the model changed
-            raise
-        return True
-
-    def _check_on_device(self) -> bool:
-        """True when the finiteness flag lives on a CUDA device (read it later, never in update())."""
-        return any(
-            g.device.type == "cuda" or (g.plan != "offload" and g.sources[0].device.type == "cuda")
-            for g in self._groups
-        )
-
-    def _refresh_plan(self, group: Group) -> None:
-        if not sources_moved(group):
-            return
-        for key, src, view in zip(group.keys, group.sources, group.views[0]):
-            if src.shape != view.shape:
-                raise ValueError(
-                    f"the model changed after the EMA was built: {key!r} has shape {tuple(src.shape)}, "
-                    f"the average has {tuple(view.shape)}"
+                gok = ok.to(group.flat.device) if isinstance(ok, Tensor) else None
+                gweights = weights
+                if isinstance(weights, Tensor):
+                    gweights = weights.to(device=group.device, dtype=_kernels.lerp_weight_dtype(group.dtype))
+                _kernels.lerp_shadows_(
+                    group.views, group.flat, group.sources, src, gweights, gok, same_dtype=group.reader.same_dtype
                 )
-        if group.plan == "flat":
-            log.warning(
-                "polyak: a tensor of an EMA(flatten=True) model was re-assigned (e.g. by model.to(), "
-                ".half() or p.data = ...); it is no longer a view of the flat buffer, so this EMA now reads "
-                "the tensors one by one (slower, same result)"
-            )
-        self._plan(group)
+        except RuntimeError:
+            self._watch.verify(strict_identity=False)  # raises a clear error if the model changed
+            raise
+        self._advance(decision, ok)
 
-    @staticmethod
-    def _flat_source(group: Group) -> Tensor | None:
-        """The group's sources as one contiguous (N,) tensor, or None for the per-tensor path."""
-        if group.plan == "flat":
-            return group.source_flat
-        if group.plan == "gather" and group.scratch is not None:
-            return _kernels.gather_(group.source_views, group.scratch)
-        if group.plan == "offload":
-            return copy_to_host(group)
-        return None
+    def _advance(self, decision: Decision | TensorDecision, ok: bool | Tensor) -> None:
+        """Move the counters (``polyak._counters.advance``) where they live; act on a host refusal."""
+        if self._device is not None:
+            self._device.advance_(decision, ok)
+            if not self.capturable:
+                self._counters = replace(self._counters, step=self._counters.step + 1)
+                if isinstance(ok, Tensor):
+                    self._device.start_refusal_copy()
+            return
+        self._counters = advance(self._counters, decision, ok)
 
-    def _flags(self, sources: list[Tensor | None]) -> list[Tensor]:
-        return [
-            _kernels.all_finite(g.sources) if src is None else _kernels.flat_finite(src)
-            for g, src in zip(self._groups, sources)
-        ]
+    def _source(self, group: Group, compiling: bool) -> Tensor | None:
+        """The group's flat source (None: per-tensor). Under ``torch.compile`` (capturable), for real
+        floating sources on the shadow's device: a plain ``cat`` of the live tensors, which inductor fuses
+        into the lerp (no scratch copy, and no cached view left stale by a re-assigned parameter)."""
+        if compiling and all(s.is_floating_point() and s.device == group.device for s in group.sources):
+            return torch.cat([s.detach().reshape(-1).to(group.dtype) for s in group.sources])
+        return group.reader.read()
 
-    def _all_finite_on_host(self, sources: list[Tensor | None]) -> bool:
-        ok = [_kernels.finite_on_host(g.sources if src is None else [src]) for g, src in zip(self._groups, sources)]
-        if all(ok):
+    def _finite(self, sources: list[Tensor | None]) -> bool | Tensor | list[str]:
+        """The finiteness verdict of this update: True (fine, or no check), a 0-dim device flag that the
+        host never reads here, or the keys of the non-finite tensors (checked on the host)."""
+        if self.nonfinite == "ignore" or not self._groups:
             return True
-        bad = [
-            g.keys[i] for g, fine in zip(self._groups, ok) if not fine for i in _kernels.nonfinite_indices(g.sources)
-        ]
-        return self._refuse(bad, self._step + 1)
+        if self._device is not None:
+            flags = [
+                _kernels.all_finite(g.sources) if src is None else _kernels.flat_finite(src)
+                for g, src in zip(self._groups, sources)
+            ]
+            device = self._device.step.device
+            return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
+        fine = [_kernels.finite_on_host(g.sources if src is None else [src]) for g, src in zip(self._groups, sources)]
+        if all(fine):
+            return True
+        return [g.keys[i] for g, f in zip(self._groups, fine) if not f for i in _kernels.nonfinite_indices(g.sources)]
 
     def _refuse(self, bad: list[str] | None, step: int, count: int = 1) -> bool:
-        """Apply the policy to a non-finite update: count and log it ("skip") or raise ("raise").
-        ``bad`` names the tensors, or is None when the check ran on the device (tensors not identified);
-        ``count`` > 1 reports that many refused updates at once, ``step`` being the last of them."""
-        where = (
-            f"in {len(bad)} weight tensor(s): {bad[:10]}{' ...' if len(bad) > 10 else ''}"
-            if bad is not None
-            else "in the weights (checked on the device without naming the tensors)"
-        )
-        at = f"update step {step}" if count == 1 else f"{count} updates, the last at update step {step}"
+        """Apply the policy to ``count`` refused updates (the last at ``step``; ``bad`` names the tensors,
+        None when checked on the device): count and log them ("skip"), or raise ("raise")."""
+        at, where = refusal_message(bad, step, count)
         if self.nonfinite == "skip":
             self.skipped_updates += count
             log.warning("polyak: skipped EMA update at %s: NaN/inf %s", at, where)
             return False
         raise ValueError(
-            f"non-finite values (NaN or inf) {where} at {at}; the average was left unchanged. "
-            "Fix the divergence (lower the learning rate, clip gradients) or build the EMA with "
-            "nonfinite='skip' to skip such updates."
+            f"non-finite values (NaN or inf) {where} at {at}; the average was left unchanged. Fix the "
+            "divergence (lower the learning rate, clip gradients) or build the EMA with nonfinite='skip' "
+            "to skip such updates."
         )
 
-    def _fold_masked(
-        self, sources: list[Tensor | None], weights: list[float], decays: tuple[float, ...] | None
-    ) -> None:
-        """CUDA: check and update without a host read. The update is a bit-exact no-op when any weight is
-        non-finite (each source is replaced by the shadow itself, and ``lerp(s, s, w) == s``); the flag
-        is reported later by ``_poll``."""
-        flags = self._flags(sources)
-        device = flags[0].device
-        ok = torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
-        for group, src in zip(self._groups, sources):
-            gok = ok.to(group.flat.device)
-            if src is not None:
-                _kernels.masked_lerp_rows_(group.flat, src, weights, gok)
-                continue
-            for views, w in zip(group.views, weights):
-                masked = [
-                    torch.where(gok, s.to(device=v.device, dtype=v.dtype), v) for s, v in zip(group.sources, views)
-                ]
-                _kernels.lerp_(views, masked, w)
-        if ok.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(ok, non_blocking=True)
-            event: Any = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
-        else:
-            host, event = ok, None
-        self._pending.append((self._step + 1, decays, host, event))
-
     def _poll(self, *, block: bool) -> None:
-        """Act on the device-side finiteness checks whose result has reached the host (on all of them,
-        waiting if needed, when ``block``)."""
-        if self._device is not None:
-            if block:
-                self._sync_device_state(self._device)
+        """Act on refusals counted on the device that the host has not reported yet: all of them,
+        waiting for the device, when ``block``; else only what an earlier copy already brought over."""
+        state = self._device
+        if state is None:
             return
-        while self._pending:
-            step, decays, host, event = self._pending[0]
-            if event is not None:
-                if block:
-                    event.synchronize()
-                elif not event.query():
-                    return
-            self._pending.pop(0)
-            if bool(host):
-                continue
-            if decays is not None:  # the masked update changed no shadow: undo its bookkeeping
-                self._products = [p / d if d > 0.0 else p for p, d in zip(self._products, decays)]
-            if self.nonfinite == "raise":
-                self._pending.clear()
-            self._refuse(None, step)
-
-    def _sync_device_state(self, state: _capturable.DeviceState) -> None:
-        """capturable=True: copy the device counters to the host fields and act on new refusals."""
-        self._step, products, last, refused, last_refused = state.read()
-        self._products = products
-        self._last_decays = tuple(last)
+        if block:
+            c = state.read()
+            if not self.capturable:
+                c = replace(c, step=self._counters.step)
+            self._counters = c
+            refused, last = int(c.refused), int(c.last_refused)
+        else:
+            landed = state.landed_refusals()
+            if landed is None:
+                return
+            refused, last = landed
         if refused > state.reported:
             count = refused - state.reported
             state.reported = refused
-            self._refuse(None, last_refused, count)
+            self._refuse(None, last, count)
+
+    def _check_model_unchanged(self) -> None:
+        """Follow the model: the watch (registrations, slots) and each reader (re-pointed sources)."""
+        rebound = self._watch.check()
+        for group in self._groups:
+            if rebound:
+                group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
+            elif not group.reader.moved():
+                continue
+            for key, src, view in zip(group.keys, group.sources, group.views[0]):
+                if src.shape != view.shape:
+                    raise ValueError(
+                        f"the model changed after the EMA was built: {key!r} has shape {tuple(src.shape)}, "
+                        f"the average has {tuple(view.shape)}"
+                    )
+            if group.plan == "flat":
+                log.warning(
+                    "polyak: a tensor of an EMA(flatten=True) model was re-assigned (e.g. by model.to(), "
+                    ".half() or p.data = ...); it is no longer a view of the flat buffer, so this EMA now reads "
+                    "the tensors one by one (slower, same result)"
+                )
+            self._plan(group)
 
     def synchronize(self) -> None:
         """Wait for pending device-side finiteness checks and act on them (raise, or count and log skips).
 
-        Only CUDA updates and ``capturable=True`` leave checks pending; elsewhere this does nothing."""
+        Only counters on the device (a checked CUDA model, ``capturable=True``) leave checks pending;
+        elsewhere this does nothing."""
         self._poll(block=True)
 
     # --- training-loop hook ----------------------------------------------------------------------------
@@ -709,32 +554,10 @@ class EMA:
         index = self._check_index(index)
         self._poll(block=True)
         self._check_model_unchanged()
-        averaged = self._averaged_by_key(index)
-        ours = {s.key: s for s in self._selected}
-        target = {s.key: s for s in select(model, include=None, exclude=None, buffers="copy")}
-        skipped = {k for k, s in ours.items() if s.mode == "skip"}
-        missing = sorted(set(ours) - set(target) - skipped)
-        unexpected = sorted(set(target) - set(ours))
-        if missing or unexpected:
-            raise ValueError(
-                "copy_to: the target model does not match the averaged model: "
-                f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}; pass a model of the same "
-                "architecture"
-            )
-        pairs: list[tuple[Tensor, Tensor]] = []
-        for key, dst in target.items():
-            if key in skipped:
-                continue
-            src = averaged[key] if key in averaged else ours[key].tensor
-            if dst.tensor.shape != src.shape:
-                raise ValueError(
-                    f"copy_to: shape mismatch for {key!r}: averaged {tuple(src.shape)} vs target "
-                    f"{tuple(dst.tensor.shape)}"
-                )
-            pairs.append((dst.tensor, src))
+        targets = select(model, include=None, exclude=None, buffers="copy")
+        pairs = copy_pairs(self._selected, targets, self._averaged_by_key(index))
         _kernels.copy_([d for d, _ in pairs], [s for _, s in pairs])
 
-    # --- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step, decay products, and every shadow (fresh copies, normalised
         keys, shadow dtype). Loadable with ``torch.load(weights_only=True)``."""
@@ -765,12 +588,8 @@ class EMA:
         plan = _state.plan_load(state, views, num_averages=self.num_averages, debias=self.debias)
         self._warn_on_config_change(state.config)
         _kernels.copy_([d for d, _ in plan], [v for _, v in plan])
-        self._step = state.step
         self.skipped_updates = state.skipped_updates
-        self._products = list(state.products)
-        self._last_decays = state.last_decays
-        if self._device is not None:
-            self._device.load(self._step, self._products, self._last_decays)
+        self._set_counters(step=state.step, products=tuple(state.products), last_decays=tuple(state.last_decays))
 
     def _warn_on_config_change(self, saved: Mapping[str, Any]) -> None:
         """Log (once per load) the settings that differ from the saved ones: the EMA keeps its own, as an
@@ -782,79 +601,3 @@ class EMA:
                 "polyak: loading an EMA state saved with other settings (%s); this EMA continues with its own",
                 "; ".join(changed),
             )
-
-    # --- model integrity -------------------------------------------------------------------------------
-    def _find_buffer_slots(self) -> list[tuple[dict[str, Any], str, Tensor]]:
-        """(owning module's ``_buffers`` dict, name, tensor) of every selected buffer. ``module.to()``,
-        ``.double()`` and friends replace buffers by writing that dict directly, which fires no
-        registration hook: comparing the slots catches it (a few microseconds per update)."""
-        return self._slots("_buffers", {id(s.tensor) for s in self._selected if s.is_buffer})
-
-    def _find_param_probes(self) -> list[tuple[dict[str, Any], str, Tensor]]:
-        """(owning module's ``_parameters`` dict, name, tensor) of up to three averaged parameters (first,
-        middle, last). Wrappers that shard or flatten a model after the EMA was built (FSDP2's
-        ``fully_shard``, FSDP, DeepSpeed ZeRO-3) swap every parameter by writing that dict directly,
-        which fires no registration hook; the EMA would then average the old, frozen tensors. Three
-        dictionary lookups per update catch such a wholesale swap; a single parameter replaced that way
-        (not through ``setattr``/``register_parameter``) can go unseen."""
-        wanted = {id(s.tensor) for s in self._selected if not s.is_buffer and s.mode == "average"}
-        slots = self._slots("_parameters", wanted)
-        return slots if len(slots) <= 3 else [slots[0], slots[len(slots) // 2], slots[-1]]
-
-    def _slots(self, registry: str, wanted: set[int]) -> list[tuple[dict[str, Any], str, Tensor]]:
-        """(module's ``registry`` dict, name, tensor) of every tensor in ``wanted`` (ids), model order."""
-        slots: list[tuple[dict[str, Any], str, Tensor]] = []
-        for module in self.model.modules():
-            table: dict[str, Any] = getattr(module, registry)
-            slots.extend((table, name, t) for name, t in table.items() if t is not None and id(t) in wanted)
-        return slots
-
-    def _check_model_unchanged(self) -> None:
-        if (
-            self._generation != _generation
-            or any(d.get(n) is not t for d, n, t in self._buffer_slots)
-            or any(d.get(n) is not t for d, n, t in self._param_probes)
-        ):
-            self._verify_model(strict_identity=True)
-            self._buffer_slots = self._find_buffer_slots()
-            self._param_probes = self._find_param_probes()
-            self._generation = _generation
-
-    def _verify_model(self, *, strict_identity: bool) -> None:
-        """Raise a clear error if the model's tensors no longer match the shadows; rebind buffers that
-        were re-assigned with the same shape (a module replacing ``self.buf = ...``)."""
-        now = {s.key: s for s in select(self.model, include=None, exclude=None, buffers="copy")}
-        before = {s.key: s for s in self._selected}
-        missing = sorted(set(before) - set(now))
-        unexpected = sorted(set(now) - set(before))
-        if missing or unexpected:
-            raise ValueError(
-                "the model changed after the EMA was built: "
-                f"removed {missing[:20]}, added {unexpected[:20]}; build the EMA after the model is final "
-                "(after replacing layers, before training)"
-            )
-        rebound: dict[str, Tensor] = {}
-        for key, old in before.items():
-            new = now[key].tensor
-            if tuple(new.shape) != old.shape:
-                raise ValueError(
-                    f"the model changed after the EMA was built: {key!r} has shape {tuple(new.shape)}, "
-                    f"the average has {old.shape}"
-                )
-            if new is not old.tensor:
-                if not old.is_buffer and strict_identity and old.mode == "average":
-                    raise ValueError(
-                        f"the model changed after the EMA was built: parameter {key!r} was replaced by a new "
-                        "tensor (wrapping the model in FSDP2's fully_shard, FSDP or DeepSpeed ZeRO-3 does this); "
-                        "build the EMA after the model is final, or copy new weights in place "
-                        "(param.copy_(...)) instead of re-assigning"
-                    )
-                rebound[key] = new
-        if rebound:
-            self._selected = [
-                Selected(s.key, s.model_keys, rebound.get(s.key, s.tensor), s.is_buffer, s.mode, s.shape)
-                for s in self._selected
-            ]
-            for group in self._groups:
-                group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
-                self._plan(group)

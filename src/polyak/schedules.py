@@ -1,7 +1,7 @@
 """Decay schedules: pure functions of the averaging step.
 
 A schedule maps ``t`` (the 1-based index of the current averaging update, counted from ``start_step``)
-to the decay ``beta_t`` in ``[0, 1)`` used by ``shadow <- beta_t * shadow + (1 - beta_t) * weight``.
+to the decay ``beta_t`` in ``[0, 1]`` used by ``shadow <- beta_t * shadow + (1 - beta_t) * weight``.
 Schedules are small frozen dataclasses: callable, comparable, printable, and picklable, so a schedule
 can be written into a checkpoint's config and tested without any model.
 
@@ -35,6 +35,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from polyak._validate import as_float
 
 __all__ = [
     "DEFAULT_DECAY",
@@ -80,14 +82,11 @@ def _full(like: Tensor, value: float) -> Tensor:
 
 
 def _check_decay(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a float in [0, 1), got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (0.0 <= value < 1.0):
-        raise ValueError(
-            f"{what} must be in [0, 1), got {value!r}; a decay of 1 would freeze the average "
-            "(typical values are 0.99 to 0.9999)"
-        )
+    """A decay in [0, 1]: 1.0 freezes the average (DINO's teacher momentum schedule ends at 1.0), 0.0
+    copies the weights."""
+    value = as_float(value, what)
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{what} must be in [0, 1], got {value!r} (typical values are 0.99 to 0.9999)")
     return value
 
 

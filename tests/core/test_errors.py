@@ -19,11 +19,11 @@ def net() -> nn.Module:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"decay": 1.0}, ValueError, r"must be in \[0, 1\)"),
-        ({"decay": -0.5}, ValueError, r"must be in \[0, 1\)"),
-        ({"decay": [0.9, 1.2]}, ValueError, r"must be in \[0, 1\)"),
+        ({"decay": 1.5}, ValueError, r"must be in \[0, 1\]"),
+        ({"decay": -0.5}, ValueError, r"must be in \[0, 1\]"),
+        ({"decay": [0.9, 1.2]}, ValueError, r"must be in \[0, 1\]"),
         ({"decay": []}, ValueError, "empty sequence"),
-        ({"decay": lambda t: 1.0}, ValueError, r"returned 1.0 at t=1"),
+        ({"decay": lambda t: 1.5}, ValueError, r"returned 1.5 at t=1"),
         ({"decay": lambda t: torch.tensor(0.5)}, TypeError, "must return a Python float"),
         ({"start_step": -1}, ValueError, "start_step must be >= 0"),
         ({"update_every": 0}, ValueError, "update_every must be >= 1"),

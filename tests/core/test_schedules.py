@@ -103,7 +103,7 @@ def test_power_function_zero_is_uniform(t):
 @pytest.mark.parametrize(
     ("factory", "error"),
     [
-        (lambda: schedules.constant(1.0), ValueError),
+        (lambda: schedules.constant(1.0 + 1e-12), ValueError),
         (lambda: schedules.constant(-0.1), ValueError),
         (lambda: schedules.constant(float("nan")), ValueError),
         (lambda: schedules.constant("0.9"), TypeError),

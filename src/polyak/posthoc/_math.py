@@ -147,17 +147,36 @@ def _segments(items: Sequence[tuple[int, float]]) -> Iterator[tuple[Tensor, Tens
         prev = end
 
 
+def _r_factor(items: Sequence[tuple[int, float]]) -> tuple[Tensor, Tensor]:
+    """The triangular factor R (``P = Q R``) of the matrix P whose columns are the exact profiles of
+    ``items``, split as ``(R[:, :-1], R[:, -1])``, in float64. Each segment's block of P is
+    ``rows^T E`` (``E[k, i] = scale[i]`` where item i uses gamma k), so it contributes the K rows
+    ``qr(rows^T).R @ E``; stacking them under the running R and re-factorising (a tall-skinny QR) never
+    forms ``P^T P``, whose conditioning is the square of P's."""
+    width = len(items)
+    columns = torch.arange(width)
+    r = torch.zeros(0, width, dtype=torch.float64)
+    for scale, rows, block in _segments(items):
+        spread = torch.zeros(rows.shape[0], width, dtype=torch.float64)
+        spread[block, columns] = scale
+        part = torch.linalg.qr(rows.T, mode="r").R @ spread
+        r = torch.linalg.qr(torch.cat([r, part]), mode="r").R
+    return r[:, :-1], r[:, -1]
+
+
 def solve(stored: Sequence[tuple[int, float]], target: tuple[int, float]) -> Solution:
     """Coefficients ``c`` minimising ``||sum_i c_i w(n_i, gamma_i) - w(n, gamma)||_2`` subject to
     ``sum_i c_i = 1`` (so a constant model stays constant), over the exact discrete profiles.
 
-    The paper (EDM2, algorithm 3) solves the unconstrained normal equations of the continuous profiles;
-    here the Gram matrix ``G_ab = <w_a, w_b>`` and ``b_a = <w_a, w>`` are summed exactly in float64 (see
-    ``_segments``), and the constrained problem is solved through its KKT system
-    ``[[G, 1], [1^T, 0]] [c; mu] = [b; 1]`` by SVD least squares (``gelsd``), which tolerates the nearly
-    collinear profiles of neighbouring snapshots. A target equal to a stored profile returns that one
+    The paper (EDM2, algorithm 3) solves the unconstrained normal equations of the continuous profiles,
+    which square the conditioning of nearly collinear neighbouring profiles. Here the triangular factor R
+    of the exact discrete profiles ``[w_1 .. w_M | w]`` is accumulated segment by segment in float64
+    (``_r_factor``: a QR of the stacked partial factors, never a Gram matrix), and the constraint is
+    eliminated with an orthonormal basis Z of ``{c : sum c = 0}``: ``c = 1/M + Z y`` with y the SVD least-
+    squares (``gelsd``) solution of ``R_A Z y = r_w - R_A 1/M``. A target equal to a stored profile returns that one
     (coefficient 1, error 0). The residual is summed directly, not from ``c^T G c - 2 c^T b + ||w||^2``,
-    which would cancel. Cost: ``O(N K^2 + M^3)`` for M stored profiles of K distinct gammas over N updates.
+    which would cancel. Cost: ``O(N K^2 + S M^3)`` for M stored profiles of K distinct gammas over N updates in
+    S segments (distinct snapshot steps and chunks).
 
     Args:
         stored: ``(n_i, gamma_i)``: update count and exponent of each stored average.
@@ -178,17 +197,13 @@ def solve(stored: Sequence[tuple[int, float]], target: tuple[int, float]) -> Sol
             one_hot = tuple(1.0 if k == i else 0.0 for k in range(m))
             return Solution(one_hot, 0.0, 1.0, float(profile(n_r, g_r).norm()))
     items = [*pairs, (n_r, g_r)]
-    full = torch.zeros(m + 1, m + 1, dtype=torch.float64)  # Gram matrix of stored + target profiles
-    for scale, rows, block in _segments(items):
-        full += (scale.unsqueeze(1) * scale.unsqueeze(0)) * (rows @ rows.T)[block][:, block]
-    gram, rhs, norm2 = full[:m, :m], full[:m, m], float(full[m, m])
-    unit = float(gram.diagonal().mean())  # puts the constraint row on the Gram matrix's scale
-    kkt = torch.zeros(m + 1, m + 1, dtype=torch.float64)
-    kkt[:m, :m] = gram
-    kkt[:m, m] = unit
-    kkt[m, :m] = unit
-    vec = torch.cat([rhs, torch.tensor([unit], dtype=torch.float64)])
-    sol = torch.linalg.lstsq(kkt, vec.unsqueeze(1), driver="gelsd").solution.squeeze(1)[:m]
+    r_a, r_w = _r_factor(items)
+    centre = torch.full((m,), 1.0 / m, dtype=torch.float64)
+    sol = centre
+    if m > 1:  # c = centre + Z y with Z an orthonormal basis of {c : sum c = 0}
+        basis = torch.linalg.qr(torch.ones(m, 1, dtype=torch.float64), mode="complete").Q[:, 1:]
+        rhs = (r_w - r_a @ centre).unsqueeze(1)
+        sol = centre + basis @ torch.linalg.lstsq(r_a @ basis, rhs, driver="gelsd").solution.squeeze(1)
     sol = sol / sol.sum()
     signed = torch.cat([sol, torch.tensor([-1.0], dtype=torch.float64)])
     resid2 = 0.0
@@ -196,6 +211,7 @@ def solve(stored: Sequence[tuple[int, float]], target: tuple[int, float]) -> Sol
         per_gamma = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, block, signed * scale)
         diff = per_gamma @ rows
         resid2 += float(diff @ diff)
+    norm2 = float(r_w @ r_w)
     return Solution(
         coefficients=tuple(float(c) for c in sol),
         error=math.sqrt(resid2 / norm2),

@@ -1,0 +1,110 @@
+"""Shadow storage: one flat buffer per (device, dtype) group, with a view per averaged tensor.
+
+A group's buffer has shape ``(K, N)``: K averages (one per decay) of N elements, the tensors of the
+group laid end to end. ``views[k][i]`` is the k-th average of the group's i-th tensor, shaped like it.
+Keeping every shadow in one buffer lets the update run as a handful of fused ops, lets a state dict be
+read without walking the model, and lets all shadows move or convert together. How a group's live
+tensors are read each update is its ``reader`` (``polyak._readers``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from polyak._readers import ForeachReader, Reader
+from polyak._select import Selected
+
+__all__ = ["Group", "build_groups", "check_one_device", "shadow_dtype"]
+
+
+@dataclass
+class Group:
+    """The shadows of every averaged tensor that shares a shadow device and dtype."""
+
+    device: torch.device
+    dtype: torch.dtype
+    keys: list[str]  # normalised keys, in buffer order
+    sources: list[Tensor]  # the live parameters/buffers, in buffer order
+    flat: Tensor  # (K, N)
+    views: list[list[Tensor]] = field(default_factory=list)  # views[k][i]
+    reader: Reader = field(default_factory=lambda: ForeachReader([], torch.float32, torch.device("cpu")))
+
+    @property
+    def numel(self) -> int:
+        return int(self.flat.shape[1])
+
+    @property
+    def plan(self) -> str:
+        """The reader's name: ``"foreach"``, ``"gather"``, ``"flat"`` or ``"offload"``."""
+        return self.reader.kind
+
+
+def shadow_dtype(source: torch.dtype, override: torch.dtype | None) -> torch.dtype:
+    """float32 shadows for half-precision weights (a bf16 shadow at decay 0.9999 never moves: the update
+    (1 - d) * (w - s) is below half an ulp of s), the weight's own dtype otherwise; ``override`` wins."""
+    if override is not None:
+        return override
+    if source in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return source
+
+
+def build_groups(
+    selected: list[Selected],
+    *,
+    num_averages: int,
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+) -> list[Group]:
+    """Allocate one ``(K, N)`` buffer per (device, dtype) and carve a view per averaged tensor."""
+    by_group: dict[tuple[torch.device, torch.dtype], list[Selected]] = {}
+    for s in selected:
+        if s.mode != "average":
+            continue
+        src = s.tensor
+        sdtype = shadow_dtype(src.dtype, dtype)
+        if src.is_complex() and not sdtype.is_complex:
+            sdtype = src.dtype
+        sdev = device if device is not None else src.device
+        by_group.setdefault((sdev, sdtype), []).append(s)
+
+    groups: list[Group] = []
+    for (gdev, gdtype), members in by_group.items():
+        total = sum(m.tensor.numel() for m in members)
+        flat = torch.empty((num_averages, total), dtype=gdtype, device=gdev)
+        if gdev.type == "cpu" and any(m.tensor.device.type == "cuda" for m in members):
+            flat = flat.pin_memory()
+        sources = [m.tensor for m in members]
+        group = Group(
+            gdev, gdtype, [m.key for m in members], sources, flat, reader=ForeachReader(sources, gdtype, gdev)
+        )
+        group.views = [_carve(flat[k], group.sources) for k in range(num_averages)]
+        groups.append(group)
+    return groups
+
+
+def _carve(row: Tensor, like: list[Tensor]) -> list[Tensor]:
+    views: list[Tensor] = []
+    offset = 0
+    for t in like:
+        n = t.numel()
+        views.append(row[offset : offset + n].view(t.shape))
+        offset += n
+    return views
+
+
+def check_one_device(groups: list[Group], device: torch.device | None) -> None:
+    """``EMA(capturable=True)``: every shadow on its weights' device (a copy to another device every
+    update cannot be captured)."""
+    for group in groups:
+        moved = sorted({str(s.device) for s in group.sources if s.device != group.device})
+        if moved:
+            raise ValueError(
+                f"EMA(capturable=True) keeps the shadows on the weights' device, but shadows on {group.device} "
+                f"were asked for weights on {', '.join(moved)} (device={str(device)!r}); copying the weights "
+                "to another device every update cannot be captured. Leave device=None, or use capturable=False "
+                "for an offloaded average"
+            )
