@@ -43,8 +43,13 @@ class SourceChanged(RuntimeError):
     """A live tensor no longer fits the reader's layout (re-assigned with another shape)."""
 
 
-# Mean elements per tensor below which a group is gathered (see the module docstring).
+# Mean elements per tensor below which a group is gathered (see the module docstring) when the flat
+# source is read more than once, and when it is read once (one average, no check): measured on a 2-core
+# CPU with 2M weights in Linear(n, n) layers, one thread, unchecked, gather against _foreach_lerp_:
+# 2.7 ms against 5.6 ms at 406 elements per tensor, 0.81 against 1.16 at 2K, equal at 8K, 0.71
+# against 0.51 at 33K.
 GATHER_MEAN_NUMEL = 1 << 16
+GATHER_MEAN_NUMEL_READ_ONCE = 1 << 12
 
 
 def shape_class(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
@@ -244,15 +249,16 @@ def plan_reader(
     force_gather: bool = False,
     order: Sequence[int] | None = None,
 ) -> Reader:
-    """Choose how ``update()`` reads these sources (module docstring). Gathering pays when the flat
-    source is read more than once (K > 1 or the ``check``); ``force_gather``: a flat source is needed
-    (the device-side check masks it)."""
+    """Choose how ``update()`` reads these sources (module docstring). Gathering pays below 64K elements
+    per tensor when the flat source is read more than once (K > 1 or the ``check``), below 4K when it is
+    read once; ``force_gather``: a flat source is needed (the device-side check masks it)."""
     if _offloadable(sources, dtype, device):
         return OffloadReader(sources, dtype, device, order)
     if not sources or not _gatherable(sources, dtype, device):
         return ForeachReader(sources, dtype, device, order)
     mean = sum(s.numel() for s in sources) / len(sources)
-    small = mean < GATHER_MEAN_NUMEL and (num_averages > 1 or check)
+    read_once = min(GATHER_MEAN_NUMEL, GATHER_MEAN_NUMEL_READ_ONCE)
+    small = mean < (GATHER_MEAN_NUMEL if num_averages > 1 or check else read_once)
     if force_gather or small:
         return GatherReader(sources, dtype, device, order)
     return ForeachReader(sources, dtype, device, order)

@@ -359,13 +359,19 @@ def test_cuda_update_never_syncs_and_masks_nan(num_averages: int) -> None:
 
 
 @pytest.mark.parametrize("num_averages", [1, 3])
-def test_unchecked_updates_gather_only_for_several_averages(num_averages: int) -> None:
-    model = make_model(torch.bfloat16)
+def test_unchecked_updates_gather_small_tensors_and_mid_sized_ones_only_for_several_averages(
+    num_averages: int,
+) -> None:
+    model = make_model(torch.bfloat16)  # tiny tensors: a gather beats per-tensor kernels even read once
     decays = DECAYS[num_averages]
     ref = Reference(model, decays)
     ema = EMA(model, decay=decays, nonfinite="ignore")
-    assert ema.update_plans[0][2] == ("foreach" if num_averages == 1 else "gather")
+    assert ema.update_plans[0][2] == "gather"
     run_both(ema, ref, model)
+    mid = nn.Sequential(nn.Linear(96, 96), nn.Linear(96, 96))  # ~4.6K elements per tensor on average
+    assert EMA(mid, decay=decays, nonfinite="ignore").update_plans[0][2] == (
+        "foreach" if num_averages == 1 else "gather"
+    )
 
 
 def test_a_model_cast_after_construction_is_followed_on_every_plan(monkeypatch: pytest.MonkeyPatch) -> None:
