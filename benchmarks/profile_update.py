@@ -7,7 +7,8 @@ group's flat source: a gather for many small tensors, nothing for large ones), `
 finiteness verdict; beside it the earlier screen, one ``sum`` per tensor), ``lerp`` (the kernels) and ``advance`` (the counters). Each phase runs with the
 same arguments as inside ``update()``; all of them and the whole update are interleaved in rounds, so
 their medians are comparable. Reference passes over the same weights laid flat: ``flat sum`` (reading
-each weight once: what the check costs when it is a separate pass), ``flat lerp`` (the update's own
+each weight once: what the check costs when it is a separate pass; ``flat dot``, the same read through
+BLAS), ``flat lerp`` (the update's own
 traffic) and ``flat sum + lerp`` (both passes, what any design that decides before writing pays when
 the weights do not fit in the cache).
 
@@ -74,6 +75,7 @@ def phases(shape: str) -> dict[str, Callable[[], object]]:
         "lerp": lerp,
         "advance": lambda: advance(ema._counters, decision, True),
         "flat sum": lambda: flat.sum(),
+        "flat dot": lambda: torch.dot(flat, flat),
         "flat lerp": lambda: shadow.lerp_(flat, 1 - DECAY),
         "flat sum + lerp": lambda: (bool(flat.sum().isfinite()), shadow.lerp_(flat, 1 - DECAY)),
     }
