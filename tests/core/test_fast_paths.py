@@ -610,3 +610,20 @@ def test_watch_screen_notices_a_reassigned_buffer_slot() -> None:
     assert not ema._watch.moved()
     model._buffers["stat"] = torch.zeros(5)  # what module.to() does: no registration hook fires
     assert ema._watch.moved()
+
+
+def test_a_reader_that_fails_before_any_write_is_rebuilt_and_read_again() -> None:
+    """E.g. a model moved to another device after the EMA was built: ``cat`` into the old scratch raises
+    before a shadow is written, so the update rebuilds the reader and goes on with the same bits."""
+    model = make_model(torch.float32)
+    ref = Reference(model, [0.7])
+    ema = EMA(model, decay=0.7)
+    run_both(ema, ref, model, steps=1)
+    stale = ema._groups[0].reader
+
+    def fail() -> torch.Tensor:
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    stale.read = fail  # type: ignore[method-assign]
+    run_both(ema, ref, model, steps=2)
+    assert ema._groups[0].reader is not stale
