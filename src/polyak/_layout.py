@@ -7,7 +7,7 @@ read without walking the model, and lets all shadows move or convert together. H
 tensors are read each update is its ``reader`` (``polyak._readers``).
 
 Within a row the tensors are laid out by shape class (``shape_class``: number of dimensions and trailing
-shape), in model order inside a class, so that the live tensors of one class can be gathered into the
+shape), then by shape, in model order among equal shapes, so that the live tensors of one class can be gathered into the
 row's layout with one ``torch.cat`` over the tensors themselves (``polyak._readers.GatherReader``). The
 lists ``keys``/``sources``/``views[k]`` stay in model order; ``order`` is the row order.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from polyak._readers import ForeachReader, Reader, shape_class
+from polyak._readers import ForeachReader, Reader, layout_key
 from polyak._select import Selected
 
 __all__ = ["Group", "build_groups", "check_one_device", "row_order", "shadow_dtype"]
@@ -59,11 +59,13 @@ def shadow_dtype(source: torch.dtype, override: torch.dtype | None) -> torch.dty
 
 
 def row_order(sources: list[Tensor]) -> list[int]:
-    """The layout order of a shadow row: by shape class (first appearance), model order inside one."""
-    first: dict[tuple[int, ...], int] = {}
+    """The layout order of a shadow row: by shape class, by shape inside a class (first appearance of
+    each), model order among equal shapes (``polyak._readers.layout_key``)."""
+    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     for s in sources:
-        first.setdefault(shape_class(s.shape), len(first))
-    return sorted(range(len(sources)), key=lambda i: first[shape_class(sources[i].shape)])
+        first.setdefault(layout_key(s.shape), len(first))
+    rank = {key: (min(v for k, v in first.items() if k[0] == key[0]), v) for key, v in first.items()}
+    return sorted(range(len(sources)), key=lambda i: rank[layout_key(sources[i].shape)])
 
 
 def build_groups(

