@@ -56,6 +56,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The extra that brings a command's optional dependencies (named when one is missing).
+_EXTRAS: dict[str, str] = {"smooth": "series"}
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, except that the examples keep their lines (descriptions are still wrapped)."""
 
@@ -100,6 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"polyak {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency of this command is not installed
+        extra = _EXTRAS.get(args.command, "experiments")
+        print(
+            f"polyak {args.command}: error: it needs {exc.name or 'a package'!r}, which is not installed; "
+            f"install the extra: pip install 'polyak[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

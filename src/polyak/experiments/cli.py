@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from polyak.experiments.suite import EXPERIMENTS
+from polyak.experiments import EXPERIMENTS
 
 __all__ = ["add_commands"]
 

@@ -18,21 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from polyak.experiments import EXPERIMENTS
 from polyak.experiments.runner import AverageSpec, RunConfig, train_seed
 from polyak.experiments.tasks import TASKS
 
 __all__ = ["EXPERIMENTS", "Options", "build_arms", "run_arms"]
 
-EXPERIMENTS: tuple[str, ...] = (
-    "regression",
-    "digits",
-    "mnist1d",
-    "sweep",
-    "compare",
-    "swissroll",
-    "stdlib-text",
-    "defaults",
-)
 SWEEP_DECAYS: tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999)
 
 
