@@ -53,7 +53,8 @@ def test_silent_when_the_work_is_short() -> None:
         for _ in range(5):
             clock.now += 0.1  # 0.5 s in all
             bar.advance()
-    assert bar.enabled and bar.done == 5
+    assert bar.enabled
+    assert bar.done == 5
     assert stream.getvalue() == ""
 
 
