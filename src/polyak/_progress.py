@@ -20,6 +20,7 @@ from polyak._validate import as_float, as_int
 __all__ = ["Progress", "render"]
 
 WIDTH = 24  # characters of the bar itself
+DELAY = 1.0  # seconds of work before the line appears
 
 
 def render(label: str, done: int, total: int, seconds: float, width: int = WIDTH) -> str:
@@ -32,7 +33,7 @@ class Progress:
     """``with Progress(total, "reading snapshots", quiet=args.quiet) as bar: ... bar.advance()``.
 
     Silent when ``quiet``, when ``stream`` (default ``sys.stderr``) is not a TTY, and until ``delay``
-    seconds have passed; redrawn at most every ``interval`` seconds (and once more at the end).
+    seconds (default ``DELAY``, 1 s) have passed; redrawn at most every ``interval`` seconds (and once more at the end).
     """
 
     def __init__(
@@ -42,13 +43,13 @@ class Progress:
         *,
         quiet: bool = False,
         stream: TextIO | None = None,
-        delay: float = 1.0,
+        delay: float | None = None,
         interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total = as_int(total, "total", minimum=0)
         self.label = label
-        self.delay = as_float(delay, "delay")
+        self.delay = DELAY if delay is None else as_float(delay, "delay")
         self.interval = as_float(interval, "interval")
         self.done = 0
         self._stream = sys.stderr if stream is None else stream
