@@ -21,12 +21,15 @@ __all__ = ["averaged_module", "unwrap"]
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
     while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+        inner = getattr(model, "module", None)
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) and isinstance(inner, nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "_orig_mod", None)
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            model = inner
+            continue
+        return model
 
 
 def averaged_module(

@@ -353,7 +353,9 @@ class dinov2:
     def at_tensor(self, t: Tensor, /) -> Tensor:
         """The tensor form of ``__call__`` (see the module docstring)."""
         i = _float_steps(t) - 1.0
-        value = torch.as_tensor(_cosine_to(self.final, self.base, torch.clamp(i, max=self.total_steps), self.total_steps))
+        value = torch.as_tensor(
+            _cosine_to(self.final, self.base, torch.clamp(i, max=self.total_steps), self.total_steps)
+        )
         return torch.where(i >= self.total_steps, _full(value, self.final), value)
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from polyak import _state, hooks
 from polyak._module import averaged_module
-from polyak._select import Pattern, normalize_key
+from polyak._select import BufferPolicy, Pattern, normalize_key
 from polyak.ema import EMA, DecayLike, NonFinitePolicy
 
 __all__ = ["Teacher"]
@@ -27,7 +27,7 @@ SkippedSteps = Literal["update", "skip"]
 TEACHER_BUFFERS: tuple[str, ...] = ("own", "average", "copy")
 TEACHER_MODES: tuple[str, ...] = ("eval", "train")
 SKIPPED_STEPS: tuple[str, ...] = ("update", "skip")
-_EMA_BUFFERS = {"own": "skip", "average": "average", "copy": "skip"}
+_EMA_BUFFERS: dict[str, BufferPolicy] = {"own": "skip", "average": "average", "copy": "skip"}
 
 
 class Teacher(nn.Module):
@@ -87,7 +87,14 @@ class Teacher(nn.Module):
         if isinstance(momentum, (list, tuple)):
             raise TypeError("a Teacher keeps one average: pass one momentum (a float or a schedule), not a list")
         super().__init__()
-        ema = EMA(student, decay=momentum, include=include, exclude=exclude, buffers=_EMA_BUFFERS[buffers], nonfinite=nonfinite)  # type: ignore[arg-type]
+        ema = EMA(
+            student,
+            decay=momentum,
+            include=include,
+            exclude=exclude,
+            buffers=_EMA_BUFFERS[buffers],
+            nonfinite=nonfinite,
+        )
         module = averaged_module(student, ema._shadow_views(0), ema._selected, own_buffers=True)
         module.train(mode == "train")
         # Plain attributes, not submodules: no teacher tensor shows up in parameters(), and a parent's
@@ -99,7 +106,9 @@ class Teacher(nn.Module):
         self.skipped_steps: SkippedSteps = skipped_steps
         mine = {normalize_key(k): v for k, v in module.state_dict(keep_vars=True).items()}
         # the teacher's own buffers (every buffer without an average), and those refreshed at each update
-        self._own: dict[str, Tensor] = {s.key: mine[s.key] for s in ema._selected if s.is_buffer and s.mode != "average"}
+        self._own: dict[str, Tensor] = {
+            s.key: mine[s.key] for s in ema._selected if s.is_buffer and s.mode != "average"
+        }
         refreshed = [s for s in ema._selected if s.is_buffer and s.mode != "average" and buffers != "own"]
         self._refresh: list[tuple[Tensor, Tensor]] = [(mine[s.key], s.tensor) for s in refreshed]
         self._stepped = False
@@ -227,7 +236,9 @@ class Teacher(nn.Module):
         for key, buf in self._own.items():
             if not isinstance(own[key], Tensor) or own[key].shape != buf.shape:
                 got = getattr(own[key], "shape", type(own[key]).__name__)
-                error_msgs.append(f"shape mismatch for {prefix}buffer.{key}: checkpoint {got}, teacher {tuple(buf.shape)}")
+                error_msgs.append(
+                    f"shape mismatch for {prefix}buffer.{key}: checkpoint {got}, teacher {tuple(buf.shape)}"
+                )
         if error_msgs:
             return
         step, skipped, product, last = counters.tolist()

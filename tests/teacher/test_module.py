@@ -38,7 +38,8 @@ def test_tensors_are_the_shadows_and_follow_each_update() -> None:
     ema = EMA(model, decay=0.9)
     avg = ema.module()
     assert avg is ema.module()  # built once
-    assert not avg.training and all(not p.requires_grad for p in avg.parameters())
+    assert not avg.training
+    assert all(not p.requires_grad for p in avg.parameters())
     shadows = ema._shadow_views(0)
     for key, tensor in avg.state_dict(keep_vars=True).items():
         if key in shadows:
@@ -140,5 +141,5 @@ def test_index_selects_the_average() -> None:
     want = copy.deepcopy(model)
     ema.copy_to(want, index=1)
     torch.testing.assert_close(b.fc.weight, want.fc.weight)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="index"):
         ema.module(2)

@@ -59,7 +59,8 @@ def test_dino_matches_reference_and_never_reaches_one() -> None:
     s = schedules.dino(7 * 13, base=0.996)
     ours = [s(t) for t in range(1, 7 * 13 + 1)]
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-15)
-    assert ours[0] == 0.996 and max(ours) < 1.0
+    assert ours[0] == 0.996
+    assert max(ours) < 1.0
     assert s(10_000) == ours[-1]  # held after the run
 
 
@@ -68,7 +69,8 @@ def test_dinov2_matches_reference_and_reaches_one() -> None:
     s = schedules.dinov2(50)
     for it in range(80):
         assert s(it + 1) == pytest.approx(ref[it], abs=1e-15)
-    assert s(51) == 1.0 and s(50) < 1.0
+    assert s(51) == 1.0
+    assert s(50) < 1.0
 
 
 @pytest.mark.parametrize("max_steps", [1, 2, 10, 37])
@@ -126,7 +128,8 @@ ALL = [
 def test_tensor_form_matches_float_form(schedule: schedules.TensorSchedule) -> None:
     ts = torch.arange(1, 400)
     got = schedule.at_tensor(ts)
-    assert got.dtype == torch.float64 and got.shape == ts.shape
+    assert got.dtype == torch.float64
+    assert got.shape == ts.shape
     want = torch.tensor([schedule(int(t)) for t in ts], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
     assert isinstance(schedule, schedules.TensorSchedule)
@@ -151,7 +154,7 @@ def test_every_teacher_schedule_stays_in_unit_interval(n: int, base: float, t: i
 
 
 @pytest.mark.parametrize(
-    "factory, error",
+    ("factory", "error"),
     [
         (lambda: schedules.dino(0), ValueError),
         (lambda: schedules.dino(10, base=1.5), ValueError),
