@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 v1, v2 = augment(chunk, gen), augment(chunk, gen)
                 loss = byol_loss(online.predict(v1), teacher(v2)) + byol_loss(online.predict(v2), teacher(v1))
                 (loss / args.accumulate).backward()
-                total += float(loss) / args.accumulate
+                total += float(loss.detach()) / args.accumulate
             optimizer.step()  # the teacher updates here, once
             optimizer.zero_grad(set_to_none=True)
         print(f"epoch {epoch + 1:3d}  loss {total / steps_per_epoch:.4f}  momentum {teacher.momentum:.5f}")
