@@ -2,7 +2,8 @@
 
 Each feature registers its subcommands through an ``add_commands(subparsers)`` function in its own
 module (listed in ``_COMMAND_MODULES``); handlers import their heavy dependencies lazily, so
-``polyak --help`` stays fast.
+``polyak --help`` stays fast. The examples at the end of every subcommand's ``--help`` live here, in
+``EXAMPLES``, so that one test can check each of them parses and that no subcommand lacks one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,47 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "polyak.posthoc.cli",
 )
 
+# Shown under "examples:" at the end of `polyak COMMAND --help`; tests/test_cli_help.py parses every line.
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "demo": (
+        "polyak demo                                   # quick regression + digits report in reports/demo",
+        "polyak demo --seeds 4 --out /tmp/demo --quiet",
+    ),
+    "experiment": (
+        "polyak experiment regression --seeds 10      # report in reports/regression",
+        "polyak experiment sweep --decay 0.99 0.999 --quick",
+        "polyak experiment compare --dataset mnist1d --json > summary.json",
+    ),
+    "report": ("polyak report reports/regression/results.json --out /tmp/regression",),
+    "smooth": (
+        "polyak smooth train_log.csv --column loss --span 20 --out smoothed.csv",
+        "polyak smooth metrics.jsonl --column val_acc --method kalman --plot val_acc.png",
+    ),
+    "inspect": (
+        "polyak inspect ckpt.safetensors",
+        "polyak inspect ckpt.safetensors --json > ckpt.json   # the same, for scripts",
+        "polyak inspect yolo_last.pt --trust-pickle      # UNSAFE unless you made the file",
+    ),
+    "extract": (
+        "polyak extract ckpt.safetensors -o model.safetensors",
+        "polyak extract ckpt.safetensors -o model_slow.pt --index 1   # the second decay",
+    ),
+    "convert": (
+        "polyak convert timm_ema.pth --to polyak -o ema.safetensors",
+        "polyak convert ckpt.safetensors --to ema_pytorch -o ema_pytorch.pt",
+    ),
+    "posthoc": ("polyak posthoc snapshots/ --sigma-rel 0.07 -o model.safetensors",),
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that the examples keep their lines (descriptions are still wrapped)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:\n"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -32,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
+    for command, subparser in sub.choices.items():
+        examples = EXAMPLES.get(command)
+        if examples:
+            subparser.formatter_class = _HelpFormatter
+            subparser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    parser.epilog = "Run `polyak COMMAND --help` for a command's options and examples."
     return parser
 
 

@@ -143,7 +143,10 @@ def test_solve_is_the_constrained_optimum(ns: list[int], gammas: list[float], ta
     rows = np.stack([np.pad(profile(k, g).numpy(), (0, n - k)) for k, g in stored])
     w = profile(*target).numpy()
     err = np.linalg.norm(rows.T @ np.array(sol.coefficients) - w) / np.linalg.norm(w)
-    assert sol.error == pytest.approx(err, rel=1e-6, abs=1e-12)
+    # Evaluating the combination loses ~gain * eps (gain = the coefficients' L1 norm): on a near-singular
+    # set hypothesis found (ns=[3], gammas=[23.1, 24, 1], target 0; gain 76556) the two evaluations of an
+    # error of 4e-12 differ by 1.2e-12.
+    assert sol.error == pytest.approx(err, rel=1e-6, abs=1e-12 + 1e-16 * sol.gain)
     best_single = min(np.linalg.norm(r - w) for r in rows) / np.linalg.norm(w)
     assert sol.error <= best_single * (1 + 1e-9) + 1e-12
     if len(stored) > 1:

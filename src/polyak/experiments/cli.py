@@ -28,6 +28,7 @@ def add_commands(sub: Any) -> None:
     demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 40 regression, 20 digits)")
     demo.add_argument("--samples", type=int, default=None, help="subsample each data set to N samples")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--json", action="store_true", help="print a JSON summary on stdout (paths, claims, statistics)")
     demo.set_defaults(func=run_demo)
 
     exp: argparse.ArgumentParser = sub.add_parser(
@@ -52,6 +53,7 @@ def add_commands(sub: Any) -> None:
     exp.add_argument("--out", default=None, help="report directory (default: reports/NAME)")
     exp.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    exp.add_argument("--json", action="store_true", help="print a JSON summary on stdout (paths, claims, statistics)")
     exp.set_defaults(func=run_experiment)
 
     rep: argparse.ArgumentParser = sub.add_parser(
@@ -119,6 +121,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     if args.name == "posthoc":  # its own trainer and report: polyak.experiments.posthoc
         from polyak.experiments.posthoc import run_posthoc
 
+        if args.json:
+            raise ValueError("--json is not available for the posthoc experiment; read its report.md")
+
         return run_posthoc(args)
     if args.name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")
@@ -127,8 +132,12 @@ def run_experiment(args: argparse.Namespace) -> int:
     out = _out_dir(Path(args.out or f"reports/{args.name}"))
     start = time.perf_counter()
     results = run_arms(arms, opts, progress=_progress(args), title=args.name)
-    write_experiment(out, args.name, results, command=_command(), seconds=time.perf_counter() - start)
-    print(f"report: {out / 'report.md'}")
+    seconds = time.perf_counter() - start
+    summary = write_experiment(out, args.name, results, command=_command(), seconds=seconds)
+    if args.json:
+        _print_json({"experiment": args.name, **_paths(out), "seconds": seconds, **summary})
+    else:
+        print(f"report: {out / 'report.md'}")
     return 0
 
 
@@ -149,9 +158,41 @@ def run_demo(args: argparse.Namespace) -> int:
         parts[name] = write_experiment(out / name, name, results, command=_command(), seconds=time.perf_counter() - t0)
         if not args.quiet:
             print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    index = write_index(out, parts, command=_command(), seconds=time.perf_counter() - start)
-    print(f"report: {index}")
+    seconds = time.perf_counter() - start
+    index = write_index(out, parts, command=_command(), seconds=seconds)
+    if args.json:
+        experiments = {name: {**_paths(out / name), **part} for name, part in parts.items()}
+        _print_json({"report": str(index), "seconds": seconds, "experiments": experiments})
+    else:
+        print(f"report: {index}")
     return 0
+
+
+def _paths(out: Path) -> dict[str, str]:
+    return {"report": str(out / "report.md"), "results": str(out / "results.json")}
+
+
+def _print_json(summary: dict[str, Any]) -> None:
+    """One JSON object on stdout for scripts; numpy scalars become numbers, NaN becomes null."""
+    import json
+    import math
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+            value = value.item()
+        elif hasattr(value, "tolist"):  # arrays
+            return plain(value.tolist())
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        return str(value)
+
+    print(json.dumps(plain(summary), indent=2))
 
 
 def run_report(args: argparse.Namespace) -> int:

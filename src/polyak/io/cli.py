@@ -32,6 +32,7 @@ def add_commands(subparsers: Any) -> None:
     inspect.add_argument("checkpoint")
     inspect.add_argument("--trust-pickle", action="store_true", help="UNSAFE: allow pickled objects (Ultralytics)")
     inspect.add_argument("--max-tensors", type=int, default=40, help="how many tensors to list (default 40)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object (every tensor listed), for scripts")
     inspect.set_defaults(func=_inspect)
 
     extract = subparsers.add_parser("extract", help="write the averaged weights as a plain model checkpoint")
@@ -145,6 +146,8 @@ def _check_output(args: argparse.Namespace) -> None:
 @_one_line
 def _inspect(args: argparse.Namespace) -> int:
     ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
+    if args.json:
+        return _inspect_json(args.checkpoint, ckpt)
     print(f"file:    {args.checkpoint}")
     print(f"format:  {ckpt.kind}")
     if ckpt.kind == "polyak" and isinstance(ckpt.ema, Mapping):
@@ -207,8 +210,10 @@ def _all_tensors(ckpt: Any) -> dict[str, Tensor]:
     return out
 
 
-def _print_difference(averaged: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> None:
-    """Relative L2 distance between raw and averaged weights, overall and the largest tensors."""
+def _difference(
+    averaged: Mapping[str, Tensor], raw: Mapping[str, Tensor]
+) -> tuple[float, list[tuple[float, float, str]]]:
+    """Relative L2 distance between raw and averaged weights: overall, and (rel, abs, key) per float tensor."""
     rows = []
     num = den = 0.0
     for key, r in raw.items():
@@ -220,9 +225,15 @@ def _print_difference(averaged: Mapping[str, Tensor], raw: Mapping[str, Tensor])
         num += diff**2
         den += size**2
         rows.append((diff / size if size else diff, diff, key))
+    overall = math.sqrt(num) / math.sqrt(den) if den else math.sqrt(num)
+    return overall, rows
+
+
+def _print_difference(averaged: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> None:
+    """Relative L2 distance between raw and averaged weights, overall and the largest tensors."""
+    overall, rows = _difference(averaged, raw)
     if not rows:
         return
-    overall = math.sqrt(num) / math.sqrt(den) if den else math.sqrt(num)
     differing = sum(1 for rel, _, _ in rows if rel > 0)
     print(f"raw vs EMA: {differing}/{len(rows)} float tensors differ; relative L2 distance {overall:.3e}")
     for rel, diff, key in sorted(rows, reverse=True)[:5]:
@@ -269,4 +280,47 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         write_state(args.output, peer_state(args.to, averaged, step=int(step or 0), raw_model=raw), kind=args.to)
     print(f"wrote {args.to} checkpoint to {args.output}")
+    return 0
+
+
+def _inspect_json(path: str, ckpt: Any) -> int:
+    """``polyak inspect --json``: what the text form prints, as one JSON object on stdout."""
+    import json
+
+    out: dict[str, Any] = {"file": path, "format": ckpt.kind, "step": None, "decay": None}
+    if ckpt.kind == "polyak" and isinstance(ckpt.ema, Mapping):
+        config = dict(ckpt.ema.get("config") or {})
+        out["step"] = ckpt.ema.get("step")
+        out["skipped_updates"] = ckpt.ema.get("skipped_updates", 0)
+        out["decay"] = config.pop("decay", None)
+        out["config"] = config
+        out["averages"] = len(ckpt.ema.get("averages") or [])
+    elif ckpt.kind != "polyak" and isinstance(ckpt.raw, Mapping):
+        step = next((ckpt.raw[k] for k in _PEER_STEP_KEYS if k in ckpt.raw), None)
+        out["step"] = None if step is None else int(step)
+        if isinstance(ckpt.raw.get("decay"), (int, float)):
+            out["decay"] = ckpt.raw["decay"]
+    out["sections"] = _sections(ckpt)
+    # verified on read: the header and the tensors (checksum), or the tensors alone (sha256, older files)
+    out["checksum"] = ckpt.metadata.get("checksum") or ckpt.metadata.get("sha256") or None
+    tensors = _all_tensors(ckpt)
+    out["bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    out["tensors"] = [
+        {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        for name, t in tensors.items()
+    ]
+    try:
+        averaged, _, raw = averaged_from_checkpoint(ckpt, 0)
+    except ValueError:
+        raw = None
+    out["raw_vs_ema"] = None
+    if raw is not None:
+        overall, rows = _difference(averaged, raw)
+        if rows:
+            out["raw_vs_ema"] = {
+                "float_tensors": len(rows),
+                "differing": sum(1 for rel, _, _ in rows if rel > 0),
+                "relative_l2": overall,
+            }
+    print(json.dumps(out, indent=2, default=str))
     return 0
