@@ -332,7 +332,11 @@ def test_buffer_policies_and_the_student_is_never_modified(policy: str, mode: st
         assert torch.equal(v, snapshot[k]), k
     assert teacher.module.training == (mode == "train")
     student(torch.randn(16, 6) * 2 + 1)  # the student's own forward moves its statistics
+    snapshot = copy.deepcopy(student.state_dict())
     teacher.update()
+    teacher(torch.randn(16, 6) - 2.0)
+    for k, v in student.state_dict().items():  # neither an update nor a forward writes into the student
+        assert torch.equal(v, snapshot[k]), k
     if policy == "own":
         if mode == "eval":
             assert torch.equal(bn_t.running_mean, start_mean)  # never touched by updates
