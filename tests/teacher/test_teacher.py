@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from polyak import Teacher, schedules
@@ -409,3 +411,24 @@ def test_momentum_one_freezes_and_errors_are_clear() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Teacher(student, momentum=1.5)
     assert math.isclose(teacher.momentum, 1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    momenta=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=30),
+    seed=st.integers(0, 2**16),
+)
+def test_any_momentum_sequence_matches_a_float64_reference(momenta: list[float], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    student = nn.Linear(3, 2)
+    teacher = Teacher(student, momentum=lambda t: momenta[t - 1])
+    ref = {k: v.detach().to(torch.float64).clone() for k, v in student.named_parameters()}
+    for m in momenta:
+        with torch.no_grad():
+            for p in student.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 3)
+        teacher.update()
+        for k, p in student.named_parameters():
+            ref[k] = m * ref[k] + (1 - m) * p.detach().to(torch.float64)
+    for k, p in teacher.module.named_parameters():
+        torch.testing.assert_close(p.to(torch.float64), ref[k], rtol=0, atol=1e-5)
