@@ -36,7 +36,7 @@ from polyak._readers import flatten_sources, plan_reader
 from polyak._select import BufferPolicy, Pattern, Selected, copy_pairs, refuse_sharded, select
 from polyak._validate import as_bool, as_int
 from polyak._watch import ModelWatch
-from polyak.schedules import as_schedule
+from polyak.schedules import DEFAULT_DECAY, as_schedule
 
 __all__ = ["EMA", "NonFinitePolicy"]
 
@@ -61,6 +61,7 @@ class EMA:
         model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied.
         decay: a float in [0, 1] (constant decay; 1 freezes the average), a schedule ``t -> beta_t`` from
             ``polyak.schedules``, or a sequence of those to keep several averages (``index=`` selects one).
+            Default: ``schedules.DEFAULT_DECAY``, the power-function EMA ``(1 - 1/t) ** 17.97`` (EDM2, sigma_rel 0.05).
         start_step: for the first ``start_step`` calls of ``update()`` the shadow copies the weights.
         update_every: average on every k-th call only, with the decays of the k steps multiplied
             (``beta**k`` for a constant beta), so the result does not depend on k when the weights are
@@ -113,7 +114,7 @@ class EMA:
     def __init__(
         self,
         model: nn.Module,
-        decay: DecayLike | Sequence[DecayLike] = 0.9999,
+        decay: DecayLike | Sequence[DecayLike] = DEFAULT_DECAY,
         *,
         start_step: int = 0,
         update_every: int = 1,

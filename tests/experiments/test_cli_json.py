@@ -32,7 +32,7 @@ def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["report"] == str(tmp_path / "report.md")
-    assert set(summary["experiments"]) == {"regression", "digits"}
+    assert set(summary["experiments"]) == {"regression", "digits", "swissroll"}
     assert Path(summary["experiments"]["digits"]["results"]).is_file()
 
 

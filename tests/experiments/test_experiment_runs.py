@@ -12,12 +12,13 @@ from polyak.cli import main
 from polyak.experiments.report import write_experiment
 from polyak.experiments.runner import AverageSpec, RunConfig, train_seed
 from polyak.experiments.suite import EXPERIMENTS, Options, build_arms, run_arms
+from polyak.experiments.tasks import TASKS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = Options(seeds=2, epochs=2, num_samples=80, hidden=(8,))
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in ("defaults", *TASKS)])  # those: test_defaults.py
 def test_each_experiment_writes_all_files(name, tmp_path):
     results = run_arms(build_arms(name, TINY), TINY, progress=False)
     write_experiment(tmp_path, name, results, command=f"test {name}", seconds=0.0)
@@ -74,6 +75,8 @@ def test_cli_experiment_and_demo(tmp_path, capsys):
     index = (demo / "report.md").read_text()
     assert "(regression/report.md)" in index
     assert "(digits/report.md)" in index
+    assert "(swissroll/report.md)" in index
+    assert "averaged weights sample better" in index
     assert (demo / "digits" / "results.json").is_file()
     # the report rebuilds from results.json alone, identically
     rebuilt = tmp_path / "rebuilt"

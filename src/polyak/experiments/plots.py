@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_curves", "plot_per_seed", "plot_sweep"]
+__all__ = ["plot_curves", "plot_defaults", "plot_per_seed", "plot_sweep"]
 
 
 def _pyplot() -> Any:
@@ -96,3 +96,33 @@ def plot_sweep(
     ax.set_xlabel("decay")
     ax.set_ylabel(ylabel)
     return _finish(plt, fig, ax, title, path)
+
+
+def plot_defaults(relative: dict[str, dict[str, float]], path: Path) -> Path:
+    """Heat map of ``relative[setting][candidate]`` (mean paired change against raw, lower is better),
+    colours clipped at ±100%, each cell labelled with its value."""
+    import numpy as np
+
+    plt = _pyplot()
+    settings = list(relative)
+    names = list(next(iter(relative.values())))
+    values = np.array([[relative[s][n] for n in names] for s in settings], dtype=float) * 100.0
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 4.0, 0.45 * len(settings) + 2.2), dpi=90)
+    ax.imshow(np.clip(values, -100, 100), cmap="RdYlGn_r", vmin=-100, vmax=100, aspect="auto")
+    for i in range(len(settings)):
+        for j in range(len(names)):
+            ax.text(
+                j,
+                i,
+                "n/a" if not np.isfinite(values[i, j]) else f"{values[i, j]:+.0f}%",
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(settings)), settings, fontsize=8)
+    ax.set_title("test metric of each candidate vs raw (mean paired change; lower is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

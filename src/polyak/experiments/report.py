@@ -70,6 +70,10 @@ def verdict(cmp: PairedComparison, claimed_diff: float) -> str:
 
 
 def _metric(config: dict[str, Any]) -> tuple[str, bool]:
+    from polyak.experiments.tasks import METRICS
+
+    if config["dataset"] in METRICS:  # generative tasks: lower is better
+        return f"test {METRICS[config['dataset']]}", False
     return ("test MSE", False) if config["dataset"] == "regression" else ("test accuracy (%)", True)
 
 
@@ -169,6 +173,22 @@ def claims(name: str, analysis: dict[str, dict[str, Any]]) -> list[dict[str, str
                     "verdict": verdict(s, -0.348 * s.raw.mean),
                 }
             )
+    if name in _TASK_CLAIMS:
+        for arm_label, a in analysis.items():
+            p = a["primary"]
+            c = a["final"][p]
+            rows.append(
+                {
+                    "claim": _TASK_CLAIMS[name],
+                    "setting": f"{name} {arm_label}, {p} vs raw, last step",
+                    "ours": f"{_pct(c.relative_change)} (95% CI {_pct(c.ci95_low / c.raw.mean)} to "
+                    f"{_pct(c.ci95_high / c.raw.mean)}), Wilcoxon p {_p(c.wilcoxon_pvalue)}, "
+                    f"W/T/L {c.wins}/{c.ties}/{c.losses}",
+                    "verdict": "reproduces"
+                    if c.improves
+                    else ("does not reproduce (averaging is worse)" if c.worsens else "no significant difference"),
+                }
+            )
     if name in ("digits", "mnist1d"):
         for arm_label in analysis:
             a = analysis[arm_label]
@@ -211,6 +231,12 @@ def claims(name: str, analysis: dict[str, dict[str, Any]]) -> list[dict[str, str
             }
         )
     return rows
+
+
+_TASK_CLAIMS = {
+    "swissroll": "averaged weights sample better (DDPM and EDM2 sample from an EMA)",
+    "stdlib-text": "averaged weights give a lower held-out loss",
+}
 
 
 def _pct(x: float) -> str:
@@ -265,6 +291,11 @@ def write_experiment(
     """Write ``report.md``, ``results.json`` and the PNGs of one experiment into ``out_dir``."""
     from polyak.experiments import plots
 
+    if name == "defaults":
+        from polyak.experiments.defaults import write_defaults
+
+        return write_defaults(out_dir, results, command=command, seconds=seconds, versions=versions())
+
     out_dir.mkdir(parents=True, exist_ok=True)
     analysis = analyse(name, results)
     claim_rows = claims(name, analysis)
@@ -279,7 +310,7 @@ def write_experiment(
         "differences are paired. CI: 95% Student-t interval of the mean paired difference. Tests: paired "
         "t-test and Wilcoxon signed-rank (two-sided). W/T/L: seeds where the average is better / tied / "
         "worse; a tie is an identical accuracy (classification) or a difference within 1% of the mean raw "
-        "MSE (regression).",
+        "MSE (regression) or raw metric (energy distance, bits per character).",
         "",
     ]
     if claim_rows:
@@ -297,7 +328,7 @@ def write_experiment(
             f"## {name}: {label}",
             "",
             f"{len(seeds)} seeds, {config['epochs']} epochs ({seeds[0]['steps']} steps), data set "
-            f"`{config['dataset']}`, MLP hidden widths {'-'.join(str(h) for h in config['hidden'])}{' with BatchNorm' if config['batchnorm'] else ''}, "
+            f"`{config['dataset']}`, {_model_words(config)}, "
             f"Adam lr {config['lr']} ({config['lr_schedule']}), batch {config['batch_size']}.",
             "",
         ]
@@ -327,7 +358,7 @@ def write_experiment(
             ]
         lines += [
             f"### Early stopping (patience {config['patience']} epochs on the validation "
-            f"{'accuracy' if hib else 'MSE'}, best epoch kept), {a['primary']} vs raw",
+            f"{_val_name(config)}, best epoch kept), {a['primary']} vs raw",
             "",
             *_table(a["early_stopping"], "who drives early stopping"),
             "",
@@ -343,7 +374,7 @@ def write_experiment(
         stab_rows: dict[str, PairedComparison] = {}
         for m, s in a["stability"].items():
             stab_rows[f"{m}: std of val loss"] = s["val_loss_std"]
-            stab_rows[f"{m}: max−min of val {'accuracy' if hib else 'MSE'}"] = s["val_metric_range"]
+            stab_rows[f"{m}: max−min of val {_val_name(config)}"] = s["val_metric_range"]
         lines += [*_table(stab_rows, "model: measure"), ""]
         models = list(seeds[0]["curves"])
         curves_png = plots.plot_curves(
@@ -457,6 +488,24 @@ def _sweep_section(arm: dict[str, Any], a: dict[str, Any], out_dir: Path, plots:
         "",
     ]
     return lines
+
+
+def _val_name(config: dict[str, Any]) -> str:
+    """The validation metric's short name: accuracy, MSE, or the generative task's metric."""
+    metric, hib = _metric(config)
+    if hib:
+        return "accuracy"
+    return "MSE" if config["dataset"] == "regression" else metric.removeprefix("test ")
+
+
+def _model_words(config: dict[str, Any]) -> str:
+    hidden = "-".join(str(h) for h in config["hidden"])
+    if config["dataset"] == "swissroll":
+        return f"DDPM denoiser MLP hidden widths {hidden}"
+    if config["dataset"] == "stdlib-text":
+        width, layers = config["hidden"]
+        return f"character-level transformer width {width}, {layers} layers"
+    return f"MLP hidden widths {hidden}{' with BatchNorm' if config['batchnorm'] else ''}"
 
 
 def _cpus() -> str:

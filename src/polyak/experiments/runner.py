@@ -25,39 +25,52 @@ from polyak.experiments.models import mlp
 
 __all__ = ["AverageSpec", "RunConfig", "make_schedule", "train_seed"]
 
-SCHEDULE_KINDS: tuple[str, ...] = ("constant", "num_updates", "ultralytics")
+SCHEDULE_KINDS: tuple[str, ...] = ("constant", "num_updates", "ultralytics", "inverse_gamma", "power_function")
 
 
 @dataclass(frozen=True)
 class AverageSpec:
     """One average kept during training: ``kind`` of warm-up with its target ``decay`` (``tau`` for
-    ``ultralytics``). ``name`` labels it in results (e.g. ``ema0.99``)."""
+    ``ultralytics``, ``gamma`` for ``power_function``), optionally ``debias``-ed. ``name`` labels it in
+    results (e.g. ``ema0.99``)."""
 
     name: str
     kind: str = "constant"
     decay: float = 0.99
     tau: float = 2000.0
+    gamma: float = 0.0
+    debias: bool = False
 
     def schedule(self) -> Callable[[int], float]:
-        return make_schedule(self.kind, self.decay, self.tau)
+        return make_schedule(self.kind, self.decay, self.tau, self.gamma)
 
     def label(self) -> str:
         if self.kind == "constant":
-            return f"constant {self.decay}"
+            return f"constant {self.decay}" + (", debias" if self.debias else "")
         if self.kind == "num_updates":
             return f"min({self.decay}, (1+t)/(10+t))"
+        if self.kind == "inverse_gamma":
+            return f"min({self.decay}, 1-(1+t)^(-2/3))"
+        if self.kind == "power_function":
+            return f"(1-1/t)^({self.gamma:.4g}+1)"
         return f"{self.decay}·(1-exp(-t/{self.tau:g}))"
 
 
-def make_schedule(kind: str, decay: float, tau: float = 2000.0) -> Callable[[int], float]:
+def make_schedule(kind: str, decay: float, tau: float = 2000.0, gamma: float = 0.0) -> Callable[[int], float]:
     """``constant`` -> ``schedules.constant``; ``num_updates`` -> the (1+t)/(10+t) warm-up;
-    ``ultralytics`` -> ``decay * (1 - exp(-t / tau))``."""
+    ``ultralytics`` -> ``decay * (1 - exp(-t / tau))``; ``inverse_gamma`` -> ``schedules.inverse_gamma``
+    with ``max_decay=decay`` (ema-pytorch's defaults otherwise); ``power_function`` ->
+    ``schedules.power_function(gamma)``."""
     if kind == "constant":
         return schedules.constant(decay)
     if kind == "num_updates":
         return schedules.num_updates(decay)
     if kind == "ultralytics":
         return schedules.ultralytics(decay, tau=tau)
+    if kind == "inverse_gamma":
+        return schedules.inverse_gamma(decay)
+    if kind == "power_function":
+        return schedules.power_function(gamma)
     raise ValueError(f"unknown schedule kind {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
 
 
@@ -122,8 +135,13 @@ def train_seed(config: RunConfig, seed: int, data: Split | None = None) -> dict[
     """Train one model for ``config.epochs`` and evaluate raw and every average after each epoch.
 
     Returns ``{"seed", "seconds", "steps", "curves": {model: {"val", "test", "val_loss", "test_loss"}}}``
-    where each curve has one value per epoch.
+    where each curve has one value per epoch. The generative tasks (``tasks.TASKS``) train in
+    ``tasks.train_task``.
     """
+    from polyak.experiments.tasks import TASKS, train_task
+
+    if config.dataset in TASKS:
+        return train_task(config, seed)
     torch.set_num_threads(config.threads)
     if data is None:
         data = load(config.dataset, seed, config.num_samples)
@@ -139,6 +157,8 @@ def train_seed(config: RunConfig, seed: int, data: Split | None = None) -> dict[
     elif config.lr_schedule != "constant":
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
 
+    if any(a.debias for a in config.averages):
+        raise ValueError(f"debias=True averages are run by the generative tasks only, not on {config.dataset!r}")
     ema = EMA(model, decay=[a.schedule() for a in config.averages])
     swa = None
     if config.swa_start is not None:

@@ -6,6 +6,10 @@
 | digits, mnist1d | MLP, and MLP with BatchNorm | EMA at each decay; BN: stale / averaged / recomputed statistics |
 | sweep | one MLP | decays x warm-ups (constant, (1+t)/(10+t), 1-exp(-t/2000)) in one EMA |
 | compare | constant LR, cosine LR | EMA, SWA (uniform average over the last 25% of steps) |
+| swissroll, stdlib-text | the task of ``tasks.py`` at a smooth and a noisy Adam LR | ``EMA()``'s default decay, EMA at each decay |
+| defaults | swissroll, stdlib-text x short, long x smooth, noisy LR | every candidate default (``defaults.py``) |
+
+``compare`` also runs on the generative tasks (``--dataset swissroll`` or ``stdlib-text``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,20 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from polyak.experiments.runner import AverageSpec, RunConfig, train_seed
+from polyak.experiments.tasks import TASKS
 
 __all__ = ["EXPERIMENTS", "Options", "build_arms", "run_arms"]
 
-EXPERIMENTS: tuple[str, ...] = ("regression", "digits", "mnist1d", "sweep", "compare")
+EXPERIMENTS: tuple[str, ...] = (
+    "regression",
+    "digits",
+    "mnist1d",
+    "sweep",
+    "compare",
+    "swissroll",
+    "stdlib-text",
+    "defaults",
+)
 SWEEP_DECAYS: tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999)
 
 
@@ -56,6 +70,10 @@ def build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
 def _build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    if name == "defaults":
+        return _defaults_arms(opts)
+    if name in TASKS:
+        return _task_arms(name, opts)
     decays = opts.decays or (0.99, 0.999)
     if name == "regression":
         epochs = opts.epochs or (40 if opts.quick else 100)
@@ -71,6 +89,8 @@ def _build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
         base = replace(base, num_samples=opts.num_samples)
         return [("mlp", base), ("mlp+batchnorm", replace(base, batchnorm=True, bn_variants=True))]
     dataset = opts.dataset or "regression"
+    if name == "compare" and dataset in TASKS:
+        return _task_compare_arms(dataset, opts)
     if dataset not in _DATASET_NAMES:
         raise ValueError(f"unknown data set {dataset!r}; choose one of {', '.join(_DATASET_NAMES)}")
     hidden = opts.hidden or _default_hidden(dataset)
@@ -91,6 +111,60 @@ def _build_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
 
 
 _DATASET_NAMES = ("regression", "digits", "mnist1d")
+
+
+def _defaults_arms(opts: Options) -> list[tuple[str, RunConfig]]:
+    from polyak.experiments import defaults
+
+    fixed = {"--epochs": opts.epochs, "--decay": opts.decays, "--dataset": opts.dataset, "--lr": opts.lr}
+    given = [flag for flag, value in fixed.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"the defaults experiment runs fixed settings (both tasks, short and long runs, a smooth and a "
+            f"noisy learning rate); drop {', '.join(given)} (--seeds and --quick apply)"
+        )
+    return defaults.build_arms(defaults.QUICK if opts.quick else defaults.FULL)
+
+
+def _task_config(dataset: str, opts: Options, averages: tuple[AverageSpec, ...], epochs: int) -> RunConfig:
+    """A generative task at the defaults experiment's model size and noisy learning rate, evaluated every
+    250 steps (``epochs`` evaluations)."""
+    from polyak.experiments import defaults
+
+    scale = defaults.FULL
+    return RunConfig(
+        dataset,
+        opts.hidden or scale.hidden[dataset],
+        averages,
+        epochs,
+        batch_size=scale.batch[dataset],
+        lr=scale.lrs[dataset][1],
+        extra={"steps_per_epoch": 250, "task": dict(scale.task_args[dataset])},
+    )
+
+
+def _task_arms(name: str, opts: Options) -> list[tuple[str, RunConfig]]:
+    """``EMA()``'s default and each ``--decay`` against raw, at the smooth and the noisy learning rate."""
+    from polyak.experiments import defaults
+
+    epochs = opts.epochs or {"swissroll": (6 if opts.quick else 16), "stdlib-text": (4 if opts.quick else 8)}[name]
+    averages = (defaults.default_spec(), *_averages(opts.decays or (0.999,)))
+    base = _task_config(name, opts, averages, epochs)
+    if opts.lr is not None:
+        return [(f"lr {opts.lr:g}", base)]
+    smooth, noisy = defaults.FULL.lrs[name]
+    if opts.quick:  # the demo: the noisy rate, where averaging matters
+        return [(f"lr {noisy:g}", base)]
+    return [(f"lr {smooth:g}", replace(base, lr=smooth)), (f"lr {noisy:g}", base)]
+
+
+def _task_compare_arms(dataset: str, opts: Options) -> list[tuple[str, RunConfig]]:
+    """compare on a generative task: EMA at each ``--decay`` (default 0.999) and SWA over the last 25%,
+    constant vs cosine learning rate, ``--epochs`` x 250 steps (default 16, 8 with ``--quick``)."""
+    epochs = opts.epochs or (8 if opts.quick else 16)
+    base = _task_config(dataset, opts, _averages(opts.decays or (0.999,)), epochs)
+    base = replace(base, swa_start=0.75)
+    return [("constant LR", base), ("cosine LR", replace(base, lr_schedule="cosine"))]
 
 
 def run_arms(
@@ -118,9 +192,9 @@ def run_arms(
                 if bar is not None:
                     bar.update(task, description=f"{title} {label} seed {seed}")
                 key = (cfg.dataset, cfg.num_samples)
-                if key not in cache:
+                if key not in cache and cfg.dataset not in TASKS:  # a task makes its own data
                     cache[key] = load(cfg.dataset, seed, cfg.num_samples)
-                results[label]["seeds"].append(train_seed(cfg, seed, cache[key]))
+                results[label]["seeds"].append(train_seed(cfg, seed, cache.get(key)))
                 if bar is not None:
                     bar.advance(task)
     finally:

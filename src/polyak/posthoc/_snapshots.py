@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polyak import _state
 from polyak._validate import as_float, as_int
 from polyak.posthoc import _math
 
@@ -125,16 +126,17 @@ def read_snapshot(directory: Path, manifest: Manifest, step: int) -> list[dict[s
             f"{name!r} belongs to another run (run id {info.get('run_id')!r}, the manifest says "
             f"{manifest.run_id!r}): a stale file from an earlier run; delete it or use a fresh directory"
         )
-    if info.get("step") != step or ckpt.ema.get("step") != step:
+    state = _state.parse(ckpt.ema, what=name)  # the one reader of the EMA state format
+    if info.get("step") != step or state.step != step:
         raise ValueError(
-            f"{name!r} holds step {ckpt.ema.get('step')!r} (labelled {info.get('step')!r}), not step {step}; "
+            f"{name!r} holds step {state.step!r} (labelled {info.get('step')!r}), not step {step}; "
             "the file was renamed or is corrupt"
         )
     if [float(g) for g in info.get("gammas", [])] != list(manifest.gammas):
         raise ValueError(f"{name!r} holds gammas {info.get('gammas')!r}, the manifest {list(manifest.gammas)!r}")
-    averages = ckpt.ema.get("averages")
-    if not isinstance(averages, list) or len(averages) != len(manifest.gammas):
-        raise ValueError(f"{name!r} holds {len(averages or [])} averages, the manifest {len(manifest.gammas)}")
+    averages = state.averages
+    if len(averages) != len(manifest.gammas):
+        raise ValueError(f"{name!r} holds {len(averages)} averages, the manifest {len(manifest.gammas)}")
     want = dict(manifest.keys)
     for avg in averages:
         have = {k: tuple(v.shape) for k, v in avg.items()}
