@@ -143,3 +143,22 @@ def test_index_selects_the_average() -> None:
     torch.testing.assert_close(b.fc.weight, want.fc.weight)
     with pytest.raises(ValueError, match="index"):
         ema.module(2)
+
+
+def test_export_and_a_compiled_teacher() -> None:
+    from polyak import Teacher
+
+    torch.manual_seed(0)
+    model = Net()
+    avg = EMA(model, decay=0.5).module()
+    x = torch.randn(3, 4)
+    exported = torch.export.export(avg, (x,))
+    torch.testing.assert_close(exported.module()(x), avg(x), rtol=0, atol=0)
+    teacher = Teacher(model, momentum=0.5)
+    compiled = torch.compile(teacher)
+    torch.testing.assert_close(compiled(x), teacher(x))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    teacher.update()
+    torch.testing.assert_close(compiled(x), teacher(x))  # the compiled teacher reads the new averages
