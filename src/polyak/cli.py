@@ -33,6 +33,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "polyak experiment regression --seeds 10      # report in reports/regression",
         "polyak experiment sweep --decay 0.99 0.999 --quick",
         "polyak experiment compare --dataset mnist1d --json > summary.json",
+        "polyak experiment posthoc --quick --json > posthoc.json   # post-hoc vs exact EMA per width",
     ),
     "report": ("polyak report reports/regression/results.json --out /tmp/regression",),
     "smooth": (
@@ -52,7 +53,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "polyak convert timm_ema.pth --to polyak -o ema.safetensors",
         "polyak convert ckpt.safetensors --to ema_pytorch -o ema_pytorch.pt",
     ),
-    "posthoc": ("polyak posthoc snapshots/ --sigma-rel 0.07 -o model.safetensors",),
+    "posthoc": (
+        "polyak posthoc snapshots/ --sigma-rel 0.07 -o model.safetensors",
+        "polyak posthoc snapshots/ --sigma-rel 0.05 -o model.safetensors --quiet   # no progress line",
+    ),
 }
 
 

@@ -127,9 +127,6 @@ def run_experiment(args: argparse.Namespace) -> int:
     if args.name == "posthoc":  # its own trainer and report: polyak.experiments.posthoc
         from polyak.experiments.posthoc import run_posthoc
 
-        if args.json:
-            raise ValueError("--json is not available for the posthoc experiment; read its report.md")
-
         return run_posthoc(args)
     if args.name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}")

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from polyak import _state
+from polyak._progress import Progress
 from polyak._validate import as_float, as_int
 from polyak.posthoc import _math
 
@@ -220,22 +221,24 @@ class Snapshots:
         float64 and returned in the snapshots' dtype, keyed like ``EMA.state_dict()['averages']``."""
         return self.combine(self.weights(sigma_rel, at))
 
-    def combine(self, synthesis: Synthesis) -> dict[str, Tensor]:
-        """``sum_i c_i * snapshot_i`` for the coefficients of ``synthesis`` (float64 sum)."""
+    def combine(self, synthesis: Synthesis, *, progress: bool = False) -> dict[str, Tensor]:
+        """``sum_i c_i * snapshot_i`` for the coefficients of ``synthesis`` (float64 sum). With ``progress``,
+        a progress line on stderr while the snapshot files are read (only on a terminal, after 1 s)."""
         total: dict[str, Tensor] | None = None
         per_step: dict[int, list[float]] = {}
         for step, c in zip(synthesis.steps, synthesis.coefficients):
             per_step.setdefault(step, []).append(c)
-        for step, coeffs in per_step.items():
-            if all(c == 0.0 for c in coeffs):
-                continue
-            averages = read_snapshot(self.directory, self.manifest, step)
-            if total is None:
-                total = {key: torch.zeros(tuple(v.shape), dtype=torch.float64) for key, v in averages[0].items()}
-            for c, avg in zip(coeffs, averages):
-                if c != 0.0:
-                    for key, value in avg.items():
-                        total[key].add_(value.to(torch.float64), alpha=c)
+        used = {step: coeffs for step, coeffs in per_step.items() if any(c != 0.0 for c in coeffs)}
+        with Progress(len(used), "reading snapshots", quiet=not progress) as bar:
+            for step, coeffs in used.items():
+                averages = read_snapshot(self.directory, self.manifest, step)
+                if total is None:
+                    total = {key: torch.zeros(tuple(v.shape), dtype=torch.float64) for key, v in averages[0].items()}
+                for c, avg in zip(coeffs, averages):
+                    if c != 0.0:
+                        for key, value in avg.items():
+                            total[key].add_(value.to(torch.float64), alpha=c)
+                bar.advance()
         if total is None:  # the coefficients sum to 1, so one is nonzero
             raise RuntimeError("internal error: every synthesis coefficient is zero")
         dtype = getattr(torch, self.manifest.dtype.removeprefix("torch."))
