@@ -23,6 +23,13 @@ EXAMPLES: dict[str, schedules.Schedule] = {
     "half_life": schedules.half_life(500),
     "power_function": schedules.power_function(7.0),
     "uniform": schedules.uniform(),
+    # teacher momentum schedules, over a run of 100,000 iterations (1,000 per epoch)
+    "dino": schedules.dino(100_000, base=0.996),
+    "dinov2": schedules.dinov2(100_000, base=0.992),
+    "lightly_cosine": schedules.lightly_cosine(100_000, 0.996, 1.0),
+    "moco_v3": schedules.moco_v3(100, 1000, base=0.99),
+    "ijepa": schedules.ijepa(1000, 100, 0.996, 1.0),
+    "mean_teacher": schedules.mean_teacher(0.999),
 }
 STEPS = np.unique(np.geomspace(1, 100_000, 400).astype(int))
 

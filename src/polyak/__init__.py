@@ -11,8 +11,9 @@ from polyak.bn import update_bn
 from polyak.ema import EMA, NonFinitePolicy
 from polyak.io import load, save
 from polyak.posthoc import PostHocEMA
+from polyak.teacher import Teacher
 
-__all__ = ["EMA", "NonFinitePolicy", "PostHocEMA", "load", "save", "schedules", "series", "update_bn"]
+__all__ = ["EMA", "NonFinitePolicy", "PostHocEMA", "Teacher", "load", "save", "schedules", "series", "update_bn"]
 __version__ = "0.1.0"
 
 

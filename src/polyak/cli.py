@@ -33,6 +33,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "polyak experiment regression --seeds 10      # report in reports/regression",
         "polyak experiment sweep --decay 0.99 0.999 --quick",
         "polyak experiment compare --dataset mnist1d --json > summary.json",
+        "polyak experiment posthoc --quick --json > posthoc.json   # post-hoc vs exact EMA per width",
     ),
     "report": ("polyak report reports/regression/results.json --out /tmp/regression",),
     "smooth": (
@@ -52,8 +53,15 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "polyak convert timm_ema.pth --to polyak -o ema.safetensors",
         "polyak convert ckpt.safetensors --to ema_pytorch -o ema_pytorch.pt",
     ),
-    "posthoc": ("polyak posthoc snapshots/ --sigma-rel 0.07 -o model.safetensors",),
+    "posthoc": (
+        "polyak posthoc snapshots/ --sigma-rel 0.07 -o model.safetensors",
+        "polyak posthoc snapshots/ --sigma-rel 0.05 -o model.safetensors --quiet   # no progress line",
+    ),
 }
+
+
+# The extra that brings a command's optional dependencies (named when one is missing).
+_EXTRAS: dict[str, str] = {"smooth": "series"}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -100,6 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"polyak {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency of this command is not installed
+        extra = _EXTRAS.get(args.command, "experiments")
+        print(
+            f"polyak {args.command}: error: it needs {exc.name or 'a package'!r}, which is not installed; "
+            f"install the extra: pip install 'polyak[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

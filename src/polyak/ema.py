@@ -31,6 +31,7 @@ from polyak._decide import (
     tensor_schedules,
 )
 from polyak._layout import Group, build_groups, check_one_device
+from polyak._module import averaged_module
 from polyak._readers import flatten_sources, plan_reader
 from polyak._select import BufferPolicy, Pattern, Selected, copy_pairs, refuse_sharded, select
 from polyak._validate import as_bool, as_int
@@ -514,6 +515,44 @@ class EMA:
         for group in self._groups:
             out.update(zip(group.keys, self._averaged_views(group, index)))
         return out
+
+    def module(self, index: int = 0) -> nn.Module:
+        """The average as a module: the model's architecture, whose averaged parameters and buffers *are*
+        this EMA's shadows (same storage, ``data_ptr`` equal; no second copy), so it is current after
+        every ``update()`` and needs no swap. Frozen (``requires_grad=False``), in eval mode; use it for
+        evaluation next to the live model, export, or ``torch.compile``.
+
+        Built once per index (later calls return the same module) by copying the module tree with every
+        tensor of the state substituted (``copy.deepcopy`` with a memo holding the substitutes: the
+        model's ``__init__`` does not run again and no tensor is copied). Wrappers are unwrapped:
+        DDP/DataParallel ``module.`` and ``torch.compile``'s ``_orig_mod``.
+
+        Tensors without an average are shared with the live model: excluded parameters, integer
+        buffers, buffers under ``buffers="copy"`` and non-persistent buffers are the live tensors
+        themselves (as ``apply()`` and ``averaged_state_dict()`` use their live values); a train-mode
+        forward of this module would therefore change the live model's ``"copy"`` buffers, so keep it in
+        eval mode (``polyak.Teacher`` gives its module buffers of its own). Buffers under
+        ``buffers="skip"`` are cloned once, when the module is built.
+
+        The parameters have the shadow dtype (float32 for float16/bfloat16 models: cast the inputs, or
+        call ``.half()``, which makes a copy that no longer follows the average). Not available with
+        ``debias=True`` (the shadows are not the average there; use ``copy_to`` or
+        ``averaged_state_dict``). Moving the module (``.to()``, ``.half()``) detaches it from the EMA.
+        """
+        index = self._check_index(index)
+        if self.debias:
+            raise ValueError(
+                "ema.module() shares the shadow storage, but with debias=True the shadows are not the average "
+                "(it is shadow / (1 - prod(beta))); use ema.copy_to(model_copy) or ema.averaged_state_dict()"
+            )
+        cache: dict[int, nn.Module] = self.__dict__.setdefault("_modules_by_index", {})
+        if index not in cache:
+            cache[index] = averaged_module(self.model, self._shadow_views(index), self._selected)
+        return cache[index]
+
+    def _shadow_views(self, index: int) -> dict[str, Tensor]:
+        """The shadow tensors of average ``index`` by normalised key (the storage itself, not copies)."""
+        return {key: view for group in self._groups for key, view in zip(group.keys, group.views[index])}
 
     @contextmanager
     def apply(self, index: int = 0) -> Iterator[nn.Module]:

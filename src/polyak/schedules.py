@@ -15,6 +15,18 @@ can be written into a checkpoint's config and tested without any model.
 | ``power_function(gamma)`` | (1 - 1/t) ** (gamma + 1) | Karras et al. 2024 (EDM2) |
 | ``uniform()`` | 1 - 1/t | the running arithmetic mean: SWA / ``AveragedModel`` |
 
+Teacher momentum schedules (self-supervised training; ``polyak.Teacher``), each reproducing its reference
+recipe step for step, with ``i = t - 1`` the 0-based iteration of the reference loop:
+
+| schedule | beta_t | matches |
+|---|---|---|
+| ``dino(N, base)`` | 1 + (base - 1) (1 + cos(pi i / N)) / 2, i < N; then held | DINO ``cosine_scheduler`` (never reaches 1) |
+| ``dinov2(N, base)`` | same as ``dino``; 1.0 from i = N on | DINOv2 ``CosineScheduler`` |
+| ``lightly_cosine(N, start, end)`` | end - (end - start) (cos(pi s / (N - 1)) + 1) / 2; end from s = N - 1 | lightly ``cosine_schedule`` |
+| ``moco_v3(E, ipe, base)`` | 1 - (1 + cos(pi e / E)) (1 - base) / 2, e = i // ipe + (i % ipe) / ipe | MoCo v3 ``adjust_moco_momentum`` |
+| ``ijepa(ipe, E, start, end, ipe_scale)`` | start + i (end - start) / (ipe E ipe_scale) | I-JEPA ``momentum_scheduler`` |
+| ``mean_teacher(alpha)`` | min(1 - 1 / (t + 1), alpha) | Tarvainen & Valpola 2017 ``update_ema_variables`` |
+
 Every built-in schedule also has a tensor form, ``schedule.at_tensor(t)``: the same formula in torch ops on
 an integer tensor of steps, computed on ``t``'s device in float64 (float32 where the device has no float64,
 e.g. MPS), with no host read, so ``EMA(capturable=True)`` can compute the decay inside a CUDA graph or a
@@ -36,7 +48,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from polyak._validate import as_float
+from polyak._validate import as_float, as_int
 
 __all__ = [
     "DEFAULT_DECAY",
@@ -44,8 +56,14 @@ __all__ = [
     "TensorSchedule",
     "as_schedule",
     "constant",
+    "dino",
+    "dinov2",
     "half_life",
+    "ijepa",
     "inverse_gamma",
+    "lightly_cosine",
+    "mean_teacher",
+    "moco_v3",
     "num_updates",
     "power_function",
     "ultralytics",
@@ -270,6 +288,218 @@ class uniform:
     def at_tensor(self, t: Tensor, /) -> Tensor:
         """beta_t = 1 - 1 / t (see the module docstring)."""
         return 1.0 - torch.reciprocal(_float_steps(t))
+
+
+def _cosine_to(final: float, base: float, i: Tensor | float, n: float) -> Tensor | float:
+    """``final + 0.5 * (base - final) * (1 + cos(pi * i / n))`` in the reference's order of operations."""
+    if isinstance(i, Tensor):
+        return final + 0.5 * (base - final) * (1.0 + torch.cos(torch.div(math.pi * i, _full(i, n))))
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * i / n))
+
+
+@dataclass(frozen=True)
+class dino:
+    """DINO's teacher momentum (Caron et al. 2021; ``utils.cosine_scheduler(momentum_teacher, 1, epochs,
+    len(data_loader))`` in facebookresearch/dino)::
+
+        beta_t = final + 0.5 * (base - final) * (1 + cos(pi * i / total_steps)),   i = t - 1
+
+    for the ``total_steps = epochs * iterations_per_epoch`` iterations of the run; the last value (just
+    below ``final``) is held after that. The schedule never reaches ``final`` inside the run."""
+
+    total_steps: int
+    base: float = 0.996
+    final: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total_steps", as_int(self.total_steps, "total_steps", minimum=1))
+        object.__setattr__(self, "base", _check_decay(self.base, "base"))
+        object.__setattr__(self, "final", _check_decay(self.final, "final"))
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        return float(_cosine_to(self.final, self.base, float(min(t - 1, self.total_steps - 1)), self.total_steps))
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """The tensor form of ``__call__`` (see the module docstring)."""
+        i = torch.clamp(_float_steps(t) - 1.0, max=self.total_steps - 1)
+        return torch.as_tensor(_cosine_to(self.final, self.base, i, self.total_steps))
+
+
+@dataclass(frozen=True)
+class dinov2:
+    """DINOv2's teacher momentum (Oquab et al. 2023; ``CosineScheduler(momentum_teacher,
+    final_momentum_teacher, epochs * OFFICIAL_EPOCH_LENGTH)`` in facebookresearch/dinov2)::
+
+        beta_t = final + 0.5 * (base - final) * (1 + cos(pi * i / total_steps))   for i = t - 1 < total_steps
+        beta_t = final                                                             afterwards
+
+    Unlike ``dino`` it reaches ``final`` (1.0 by default: the teacher is then frozen)."""
+
+    total_steps: int
+    base: float = 0.992
+    final: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total_steps", as_int(self.total_steps, "total_steps", minimum=1))
+        object.__setattr__(self, "base", _check_decay(self.base, "base"))
+        object.__setattr__(self, "final", _check_decay(self.final, "final"))
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        if t - 1 >= self.total_steps:
+            return self.final
+        return float(_cosine_to(self.final, self.base, float(t - 1), self.total_steps))
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """The tensor form of ``__call__`` (see the module docstring)."""
+        i = _float_steps(t) - 1.0
+        value = torch.as_tensor(
+            _cosine_to(self.final, self.base, torch.clamp(i, max=self.total_steps), self.total_steps)
+        )
+        return torch.where(i >= self.total_steps, _full(value, self.final), value)
+
+
+@dataclass(frozen=True)
+class lightly_cosine:
+    """lightly's ``cosine_schedule(step, max_steps, start_value, end_value)`` (lightly.models.utils),
+    with ``step = (t - 1) // steps_per_epoch`` (``steps_per_epoch > 1`` for the common per-epoch use,
+    ``cosine_schedule(current_epoch, max_epochs, 0.996, 1)``)::
+
+        beta_t = end - (end - start) * (cos(pi * step / (max_steps - 1)) + 1) / 2   for step < max_steps
+        beta_t = end                                                              for step >= max_steps
+                                                                                  or max_steps == 1
+
+    lightly's own endpoint convention: ``end`` is reached at ``step = max_steps - 1``, inside the run."""
+
+    max_steps: int
+    start: float = 0.996
+    end: float = 1.0
+    steps_per_epoch: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_steps", as_int(self.max_steps, "max_steps", minimum=1))
+        object.__setattr__(self, "start", _check_decay(self.start, "start"))
+        object.__setattr__(self, "end", _check_decay(self.end, "end"))
+        object.__setattr__(self, "steps_per_epoch", as_int(self.steps_per_epoch, "steps_per_epoch", minimum=1))
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        step = (t - 1) // self.steps_per_epoch
+        if self.max_steps == 1 or step >= self.max_steps:
+            return self.end
+        return float(self.end - (self.end - self.start) * (math.cos(math.pi * step / (self.max_steps - 1)) + 1) / 2)
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """The tensor form of ``__call__`` (see the module docstring)."""
+        step = torch.div(_float_steps(t) - 1.0, self.steps_per_epoch, rounding_mode="floor")
+        if self.max_steps == 1:
+            return _full(step, self.end)
+        x = torch.div(math.pi * torch.clamp(step, max=self.max_steps - 1), _full(step, self.max_steps - 1))
+        value = self.end - (self.end - self.start) * (torch.cos(x) + 1) / 2
+        return torch.where(step >= self.max_steps, _full(value, self.end), value)
+
+
+@dataclass(frozen=True)
+class moco_v3:
+    """MoCo v3's momentum (Chen, Xie & He 2021; ``adjust_moco_momentum(epoch + i / iters_per_epoch)`` in
+    facebookresearch/moco-v3), over fractional epochs::
+
+        beta_t = 1 - 0.5 * (1 + cos(pi * e / epochs)) * (1 - base),
+        e = i // steps_per_epoch + (i % steps_per_epoch) / steps_per_epoch,   i = t - 1
+
+    held at 1.0 from ``e = epochs`` on. MoCo v3 updates the momentum encoder before its forward pass, so
+    call ``teacher.update()`` before the teacher's forward, once per iteration."""
+
+    epochs: int
+    steps_per_epoch: int
+    base: float = 0.99
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epochs", as_int(self.epochs, "epochs", minimum=1))
+        object.__setattr__(self, "steps_per_epoch", as_int(self.steps_per_epoch, "steps_per_epoch", minimum=1))
+        object.__setattr__(self, "base", _check_decay(self.base, "base"))
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        epoch, it = divmod(t - 1, self.steps_per_epoch)
+        e = min(epoch + it / self.steps_per_epoch, float(self.epochs))
+        return 1.0 - 0.5 * (1.0 + math.cos(math.pi * e / self.epochs)) * (1.0 - self.base)
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """The tensor form of ``__call__`` (see the module docstring)."""
+        i = _float_steps(t) - 1.0
+        ipe = _full(i, self.steps_per_epoch)
+        e = torch.div(i, ipe, rounding_mode="floor") + torch.div(torch.remainder(i, ipe), ipe)
+        e = torch.clamp(e, max=self.epochs)
+        return 1.0 - 0.5 * (1.0 + torch.cos(torch.div(math.pi * e, _full(e, self.epochs)))) * (1.0 - self.base)
+
+
+@dataclass(frozen=True)
+class ijepa:
+    """I-JEPA's linear momentum ramp (Assran et al. 2023; ``momentum_scheduler`` in
+    facebookresearch/ijepa ``train.py``)::
+
+        beta_t = start + i * (end - start) / (steps_per_epoch * epochs * ipe_scale),   i = t - 1
+
+    for ``i <= int(steps_per_epoch * epochs * ipe_scale)`` (the generator's length), held after that.
+    With ``ipe_scale > 1`` (the reference default is 1.0) the ramp reaches ``end`` only after the run, so the
+    run ends short of it.
+    Being a function of ``t``, it resumes without the reference's replay of ``next()`` calls."""
+
+    steps_per_epoch: int
+    epochs: int
+    start: float = 0.996
+    end: float = 1.0
+    ipe_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps_per_epoch", as_int(self.steps_per_epoch, "steps_per_epoch", minimum=1))
+        object.__setattr__(self, "epochs", as_int(self.epochs, "epochs", minimum=1))
+        object.__setattr__(self, "start", _check_decay(self.start, "start"))
+        object.__setattr__(self, "end", _check_decay(self.end, "end"))
+        object.__setattr__(self, "ipe_scale", _check_positive(self.ipe_scale, "ipe_scale"))
+
+    @property
+    def _span(self) -> float:
+        return self.steps_per_epoch * self.epochs * self.ipe_scale
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        i = min(t - 1, int(self._span))
+        value = self.start + i * (self.end - self.start) / self._span
+        return min(value, 1.0)
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """The tensor form of ``__call__`` (see the module docstring)."""
+        i = torch.clamp(_float_steps(t) - 1.0, max=int(self._span))
+        value = self.start + torch.div(i * (self.end - self.start), _full(i, self._span))
+        return torch.clamp(value, max=1.0)
+
+
+@dataclass(frozen=True)
+class mean_teacher:
+    """Mean teacher (Tarvainen & Valpola 2017; ``update_ema_variables`` in CuriousAI/mean-teacher, called
+    after the ``global_step``-th optimizer step)::
+
+        beta_t = min(1 - 1 / (t + 1), alpha)
+
+    so the teacher is the plain running mean of the student until ``1 - 1/(t+1)`` reaches ``alpha``. The
+    reference builds its teacher as a separate random model, whose weight in the average is 1/(t+1) during
+    that warm-up; ``polyak.Teacher`` starts from a copy of the student instead."""
+
+    alpha: float = 0.999
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", _check_decay(self.alpha, "alpha"))
+
+    def __call__(self, t: int, /) -> float:
+        _check_step(t)
+        return min(1.0 - 1.0 / (t + 1), self.alpha)
+
+    def at_tensor(self, t: Tensor, /) -> Tensor:
+        """The tensor form of ``__call__`` (see the module docstring)."""
+        return torch.clamp_max(1.0 - torch.reciprocal(_float_steps(t) + 1.0), self.alpha)
 
 
 DEFAULT_DECAY = power_function(16.9722)

@@ -173,3 +173,28 @@ def test_pt_format_under_a_safetensors_name_reads_back(tmp_path: Path) -> None:
     polyak.load(path, e2, model=other)
     for k, v in ema.averaged_state_dict().items():
         assert torch.equal(e2.averaged_state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("failing", ["pre_hook", "post_hook"])
+def test_model_load_code_failing_after_the_checks_changes_nothing(tmp_path: Path, failing: str) -> None:
+    """Every check passes; then the model's own load code raises while it is being written (a load
+    hook here; set_extra_state or a custom _load_from_state_dict alike). The EMA and the optimizer were
+    already written: load puts all three back before it raises."""
+    model, opt, ema = _trained(torch.optim.AdamW, lr=1e-3)
+    path = polyak.save(tmp_path / "ok.safetensors", ema, model=model, optimizer=opt)
+    m2, o2, e2 = _trained(torch.optim.AdamW, lr=1e-3)
+    for i in range(3, 6):  # a different state than the file's, so a half-done load would show
+        _step(m2, o2, e2, i)
+    before = _snapshot(m2, o2, e2)
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise RuntimeError("this module refuses to load")
+
+    last = list(m2.modules())[-1]
+    if failing == "pre_hook":
+        last._register_load_state_dict_pre_hook(refuse)
+    else:
+        last.register_load_state_dict_post_hook(refuse)
+    with pytest.raises(ValueError, match="the model's own load code failed .*left as they were"):
+        polyak.load(path, e2, model=m2, optimizer=o2)
+    _assert_unchanged(m2, o2, e2, before)

@@ -248,3 +248,17 @@ def test_ultralytics_both_ways_and_on(tmp_path: Path) -> None:
     resumed.updates = ckpt["updates"]
     _walk(model, M, 3, lambda: resumed.update(model), ema.update)
     _assert_close(_params(resumed.ema), ema)
+
+
+def test_from_peer_without_a_stored_or_given_decay_is_refused(tmp_path: Path) -> None:
+    """A timm file stores no decay: EMA's default (power-function, t = 1 at the first update: a copy)
+    would silently replace the imported average, so from_peer asks for decay= instead."""
+    model = nn.Linear(3, 3)
+    averaged = {k: v.detach() + 1.0 for k, v in model.state_dict().items()}
+    torch.save({"state_dict_ema": averaged}, tmp_path / "timm.pth")
+    with pytest.raises(ValueError, match="does not store the decay it was averaged with; pass decay="):
+        from_peer(tmp_path / "timm.pth", model)
+    ema = from_peer(tmp_path / "timm.pth", model, decay=0.9)
+    ema.update()
+    expected = 0.9 * averaged["weight"] + 0.1 * model.weight.detach()
+    torch.testing.assert_close(ema.averaged_state_dict()["weight"], expected, rtol=1e-6, atol=1e-6)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from polyak import _progress
 from polyak.cli import main
 from polyak.posthoc import PostHocEMA
 from tests.posthoc.helpers import model, random_walk, set_weights
@@ -46,3 +49,30 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["posthoc", str(tmp_path), "--sigma-rel", "0.07"]) == 2
     assert "not a polyak.PostHocEMA snapshot directory" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_progress_only_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ph = _run(tmp_path / "run")
+    used = len({s for s, c in zip(ph.weights(0.07).steps, ph.weights(0.07).coefficients) if c != 0.0})
+    argv = ["posthoc", str(tmp_path / "run"), "--sigma-rel", "0.07", "-o", str(tmp_path / "m.safetensors")]
+    monkeypatch.setattr(_progress, "DELAY", 0.0)  # draw at once, however fast the machine
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal: silent
+    tty = _FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert main(argv) == 0
+    drawn = tty.getvalue()
+    assert f"\rreading snapshots [{'#' * _progress.WIDTH}] {used}/{used} " in drawn
+    assert drawn.endswith("\r")  # the line is erased at the end
+    assert "\n" not in drawn
+    quiet = _FakeTTY()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert main([*argv, "--quiet"]) == 0
+    assert quiet.getvalue() == ""

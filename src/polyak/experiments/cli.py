@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from polyak.experiments.suite import EXPERIMENTS
+from polyak.experiments import EXPERIMENTS
 
 __all__ = ["add_commands"]
 
@@ -126,9 +126,6 @@ def run_experiment(args: argparse.Namespace) -> int:
 
     if args.name == "posthoc":  # its own trainer and report: polyak.experiments.posthoc
         from polyak.experiments.posthoc import run_posthoc
-
-        if args.json:
-            raise ValueError("--json is not available for the posthoc experiment; read its report.md")
 
         return run_posthoc(args)
     if args.name not in EXPERIMENTS:

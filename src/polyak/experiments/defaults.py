@@ -24,6 +24,7 @@ from typing import Any
 from polyak.experiments.runner import AverageSpec, RunConfig
 from polyak.experiments.stats import PairedComparison, paired_comparison, summarise
 from polyak.experiments.tasks import METRICS
+from polyak.posthoc import sigma_rel_to_gamma  # EDM2's sigma_rel -> gamma, one implementation
 
 __all__ = [
     "CANDIDATES",
@@ -43,25 +44,6 @@ __all__ = [
 
 SIGMA_RELS: tuple[float, ...] = (0.05, 0.10, 0.20)
 CURRENT_DEFAULT = "constant 0.9999"
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """The power-function exponent whose averaging profile has relative width ``sigma_rel``.
-
-    EDM2 (Karras et al. 2024, eq. 4 and its code's ``sigma_rel_to_gamma``): ``sigma_rel^2 =
-    (gamma + 1) / ((gamma + 2)^2 (gamma + 3))``, i.e. the largest real root of ``gamma^3 + 7 gamma^2 +
-    (16 - s) gamma + 12 - s = 0`` with ``s = sigma_rel^-2``. E.g. 0.05 -> 16.97, 0.10 -> 6.94.
-    """
-    import numpy as np
-
-    from polyak._validate import as_float
-
-    sigma_rel = as_float(sigma_rel, "sigma_rel")
-    if not 0 < sigma_rel < 12**-0.5:
-        raise ValueError(f"sigma_rel must be in (0, {12**-0.5:.4f}) (gamma > -1), got {sigma_rel!r}")
-    s = float(sigma_rel) ** -2
-    roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
-    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
 
 
 def candidates() -> tuple[AverageSpec, ...]:

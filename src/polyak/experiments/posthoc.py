@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from polyak import EMA, PostHocEMA
+from polyak._progress import Progress
 from polyak.posthoc import sigma_rel_to_gamma
 from polyak.schedules import power_function
 
-__all__ = ["PosthocConfig", "run_posthoc", "run_seed", "write_report"]
+__all__ = ["PosthocConfig", "analyse", "run_posthoc", "run_seed", "write_report"]
 
 GRID: tuple[float, ...] = (0.02, 0.03, 0.05, 0.07, 0.10, 0.15, 0.20)
 STORED: tuple[float, ...] = (0.05, 0.10)
@@ -50,8 +51,9 @@ def _rel_l2(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def run_seed(cfg: PosthocConfig, seed: int, workdir: Path) -> dict[str, Any]:
-    """Train once; evaluate raw, every exact width and every synthesised width on val and test."""
+def run_seed(cfg: PosthocConfig, seed: int, workdir: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Train once; evaluate raw, every exact width and every synthesised width on val and test.
+    ``progress`` advances once per epoch and once per width."""
     from polyak.experiments.datasets import load
     from polyak.experiments.models import mlp
     from polyak.experiments.runner import _batches, _evaluate
@@ -78,6 +80,8 @@ def run_seed(cfg: PosthocConfig, seed: int, workdir: Path) -> dict[str, Any]:
             optimizer.step()
             ph.update()
             exact.update()
+        if progress is not None:
+            progress.advance()
     if ph.step % every:
         ph.snapshot()  # the last step, so every width is synthesised at the end of training
     twin = mlp(data.num_features, cfg.hidden, out_features)
@@ -98,6 +102,8 @@ def run_seed(cfg: PosthocConfig, seed: int, workdir: Path) -> dict[str, Any]:
             "posthoc": post,
             "exact": ex,
         }
+        if progress is not None:
+            progress.advance()
     return {
         "seed": seed,
         "steps": ph.step,
@@ -112,12 +118,48 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def write_report(out: Path, cfg: PosthocConfig, seeds: list[dict[str, Any]], *, command: str, seconds: float) -> Path:
-    """``report.md`` and ``results.json``: per width, exact vs post-hoc (paired over seeds), and the best width."""
+def analyse(cfg: PosthocConfig, seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per width, means over seeds of the profile error, the weights' relative L2 distance, the exact and
+    the post-hoc test metric, and their paired difference (post-hoc - exact, 95% t-interval); the raw
+    model's test metric; the best width on validation for each method."""
     from polyak.experiments.stats import paired_comparison, summarise
 
     higher = cfg.dataset != "regression"
-    metric = "accuracy %" if higher else "MSE"
+    widths: dict[str, dict[str, Any]] = {}
+    best: dict[str, tuple[float, str]] = {}
+    for sigma in cfg.grid:
+        key = f"{sigma:g}"
+        rows = [s["widths"][key] for s in seeds]
+        post = [r["posthoc"]["test"] for r in rows]
+        ex = [r["exact"]["test"] for r in rows]
+        cmp = paired_comparison(post, ex, higher_is_better=higher)
+        multi = len(seeds) > 1
+        widths[key] = {
+            "profile_error": summarise([r["profile_error"] for r in rows]).mean,
+            "weights_rel_l2": summarise([r["weights_rel_l2"] for r in rows]).mean,
+            "exact": summarise(ex).mean,
+            "posthoc": summarise(post).mean,
+            "difference": cmp.mean_diff,
+            "ci95": [cmp.ci95_low, cmp.ci95_high] if multi else None,
+        }
+        for which in ("exact", "posthoc"):
+            val = summarise([r[which]["val"] for r in rows]).mean
+            score = val if higher else -val
+            if which not in best or score > best[which][0]:
+                best[which] = (score, key)
+    return {
+        "metric": "accuracy %" if higher else "MSE",
+        "higher_is_better": higher,
+        "raw": summarise([s["raw"]["test"] for s in seeds]).mean,
+        "widths": widths,
+        "best_width": {which: key for which, (_, key) in best.items()},
+    }
+
+
+def write_report(out: Path, cfg: PosthocConfig, seeds: list[dict[str, Any]], *, command: str, seconds: float) -> Path:
+    """``report.md`` and ``results.json``: per width, exact vs post-hoc (paired over seeds), and the best width."""
+    analysis = analyse(cfg, seeds)
+    metric = analysis["metric"]
     lines = [
         f"# Post-hoc EMA vs the exact EMA of each width ({cfg.dataset})",
         "",
@@ -131,29 +173,17 @@ def write_report(out: Path, cfg: PosthocConfig, seeds: list[dict[str, Any]], *, 
         "| sigma_rel | profile error | weights rel. L2 | exact | post-hoc | difference (95% CI) |",
         "|---|---|---|---|---|---|",
     ]
-    best: dict[str, tuple[float, str]] = {}
-    for sigma in cfg.grid:
-        key = f"{sigma:g}"
-        rows = [s["widths"][key] for s in seeds]
-        post = [r["posthoc"]["test"] for r in rows]
-        ex = [r["exact"]["test"] for r in rows]
-        cmp = paired_comparison(post, ex, higher_is_better=higher)
-        ci = f"[{_fmt(cmp.ci95_low)}, {_fmt(cmp.ci95_high)}]" if len(seeds) > 1 else "-"
+    for key, w in analysis["widths"].items():
+        ci = f"[{_fmt(w['ci95'][0])}, {_fmt(w['ci95'][1])}]" if w["ci95"] is not None else "-"
         lines.append(
-            f"| {key} | {summarise([r['profile_error'] for r in rows]).mean:.2e} | "
-            f"{summarise([r['weights_rel_l2'] for r in rows]).mean:.2e} | {_fmt(summarise(ex).mean)} | "
-            f"{_fmt(summarise(post).mean)} | {_fmt(cmp.mean_diff)} {ci} |"
+            f"| {key} | {w['profile_error']:.2e} | {w['weights_rel_l2']:.2e} | {_fmt(w['exact'])} | "
+            f"{_fmt(w['posthoc'])} | {_fmt(w['difference'])} {ci} |"
         )
-        for which in ("exact", "posthoc"):
-            val = summarise([r[which]["val"] for r in rows]).mean
-            score = val if higher else -val
-            if which not in best or score > best[which][0]:
-                best[which] = (score, key)
-    raw = summarise([s["raw"]["test"] for s in seeds]).mean
+    best = analysis["best_width"]
     lines += [
         "",
-        f"Raw model (no averaging): test {metric} {_fmt(raw)}.",
-        f"Best width on validation: exact EMA sigma_rel {best['exact'][1]}, post-hoc sigma_rel {best['posthoc'][1]}.",
+        f"Raw model (no averaging): test {metric} {_fmt(analysis['raw'])}.",
+        f"Best width on validation: exact EMA sigma_rel {best['exact']}, post-hoc sigma_rel {best['posthoc']}.",
         "",
         "The profile error is the relative L2 distance between the synthesised averaging profile and the exact one "
         "(0 for a stored width); 'weights rel. L2' is the distance between the two averaged weight vectors.",
@@ -170,11 +200,11 @@ def write_report(out: Path, cfg: PosthocConfig, seeds: list[dict[str, Any]], *, 
 
 def run_posthoc(args: argparse.Namespace) -> int:
     """The ``polyak experiment posthoc`` handler (``--dataset``, ``--seeds``, ``--epochs``, ``--samples``,
-    ``--lr``, ``--quick``, ``--out``)."""
+    ``--lr``, ``--quick``, ``--out``, ``--quiet``, ``--json``)."""
     import shlex
     import sys
 
-    from polyak.experiments.cli import _options, _out_dir
+    from polyak.experiments.cli import _options, _out_dir, _paths, _print_json
 
     opts = _options(args)
     dataset = opts.dataset or "regression"
@@ -185,9 +215,16 @@ def run_posthoc(args: argparse.Namespace) -> int:
     cfg = PosthocConfig(dataset, hidden, epochs, opts.lr or 1e-3, num_samples=opts.num_samples)
     out = _out_dir(Path(args.out or "reports/posthoc"))
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="posthoc-") as tmp:
-        seeds = [run_seed(cfg, seed, Path(tmp)) for seed in range(opts.first_seed, opts.first_seed + opts.seeds)]
+    seed_ids = range(opts.first_seed, opts.first_seed + opts.seeds)
+    total = len(seed_ids) * (cfg.epochs + len(cfg.grid))
+    with tempfile.TemporaryDirectory(prefix="posthoc-") as tmp, Progress(total, "posthoc", quiet=args.quiet) as bar:
+        seeds = [run_seed(cfg, seed, Path(tmp), bar) for seed in seed_ids]
     command = "polyak " + shlex.join(sys.argv[1:])
-    path = write_report(out, cfg, seeds, command=command, seconds=time.perf_counter() - start)
-    print(f"report: {path}")
+    seconds = time.perf_counter() - start
+    path = write_report(out, cfg, seeds, command=command, seconds=seconds)
+    if args.json:
+        summary = {"analysis": analyse(cfg, seeds), "claims": []}
+        _print_json({"experiment": "posthoc", **_paths(out), "seconds": seconds, **summary})
+    else:
+        print(f"report: {path}")
     return 0

@@ -131,8 +131,11 @@ def _evaluate(model: nn.Module, data: Split) -> dict[str, float]:
     return out
 
 
-def train_seed(config: RunConfig, seed: int, data: Split | None = None) -> dict[str, Any]:
-    """Train one model for ``config.epochs`` and evaluate raw and every average after each epoch.
+def train_seed(
+    config: RunConfig, seed: int, data: Split | None = None, on_epoch: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Train one model for ``config.epochs`` and evaluate raw and every average after each epoch
+    (then ``on_epoch()``, e.g. to advance a progress bar).
 
     Returns ``{"seed", "seconds", "steps", "curves": {model: {"val", "test", "val_loss", "test_loss"}}}``
     where each curve has one value per epoch. The generative tasks (``tasks.TASKS``) train in
@@ -141,7 +144,7 @@ def train_seed(config: RunConfig, seed: int, data: Split | None = None) -> dict[
     from polyak.experiments.tasks import TASKS, train_task
 
     if config.dataset in TASKS:
-        return train_task(config, seed)
+        return train_task(config, seed, on_epoch)
     torch.set_num_threads(config.threads)
     if data is None:
         data = load(config.dataset, seed, config.num_samples)
@@ -203,6 +206,8 @@ def train_seed(config: RunConfig, seed: int, data: Split | None = None) -> dict[
                 _record(curves[f"{config.averages[0].name}_stale"], _evaluate(model, data))
                 update_bn(_batches(data.x_train, data.y_train, 256, bn_gen), model)
                 _record(curves[f"{config.averages[0].name}_recomputed"], _evaluate(model, data))
+        if on_epoch is not None:
+            on_epoch()
     return {
         "seed": seed,
         "seconds": time.perf_counter() - start,

@@ -14,25 +14,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from polyak.experiments import EXPERIMENTS
 from polyak.experiments.runner import AverageSpec, RunConfig, train_seed
 from polyak.experiments.tasks import TASKS
 
 __all__ = ["EXPERIMENTS", "Options", "build_arms", "run_arms"]
 
-EXPERIMENTS: tuple[str, ...] = (
-    "regression",
-    "digits",
-    "mnist1d",
-    "sweep",
-    "compare",
-    "swissroll",
-    "stdlib-text",
-    "defaults",
-)
 SWEEP_DECAYS: tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999)
 
 
@@ -170,12 +162,13 @@ def _task_compare_arms(dataset: str, opts: Options) -> list[tuple[str, RunConfig
 def run_arms(
     arms: Sequence[tuple[str, RunConfig]], opts: Options, *, progress: bool, title: str = ""
 ) -> dict[str, dict[str, Any]]:
-    """Train every arm on seeds ``first_seed .. first_seed + seeds - 1``; a rich progress bar when asked."""
+    """Train every arm on seeds ``first_seed .. first_seed + seeds - 1``; a rich progress bar when asked,
+    counting epochs (evaluation intervals for the generative tasks), so a long seed moves it too."""
     from polyak.experiments.datasets import load
 
     seeds = list(range(opts.first_seed, opts.first_seed + opts.seeds))
     results: dict[str, dict[str, Any]] = {label: {"config": cfg.as_dict(), "seeds": []} for label, cfg in arms}
-    total = len(seeds) * len(arms)
+    total = len(seeds) * sum(cfg.epochs for _, cfg in arms)
     bar: Any = None
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -189,14 +182,14 @@ def run_arms(
         for seed in seeds:
             cache: dict[tuple[str, int | None], Any] = {}
             for label, cfg in arms:
+                on_epoch = None
                 if bar is not None:
                     bar.update(task, description=f"{title} {label} seed {seed}")
+                    on_epoch = functools.partial(bar.advance, task)
                 key = (cfg.dataset, cfg.num_samples)
                 if key not in cache and cfg.dataset not in TASKS:  # a task makes its own data
                     cache[key] = load(cfg.dataset, seed, cfg.num_samples)
-                results[label]["seeds"].append(train_seed(cfg, seed, cache.get(key)))
-                if bar is not None:
-                    bar.advance(task)
+                results[label]["seeds"].append(train_seed(cfg, seed, cache.get(key), on_epoch))
     finally:
         if bar is not None:
             bar.stop()

@@ -68,9 +68,10 @@ def steps_per_epoch(config: RunConfig) -> int:
     return int(config.extra.get("steps_per_epoch", DEFAULT_STEPS_PER_EPOCH))
 
 
-def train_task(config: RunConfig, seed: int) -> dict[str, Any]:
+def train_task(config: RunConfig, seed: int, on_epoch: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train ``config.dataset`` for ``config.epochs`` evaluation intervals; evaluate raw and every average
-    after each. ``config`` is a ``runner.RunConfig``; averages with ``debias=True`` share a second EMA."""
+    after each (then ``on_epoch()``, e.g. to advance a progress bar). ``config`` is a ``runner.RunConfig``;
+    averages with ``debias=True`` share a second EMA."""
     from polyak import EMA, schedules
 
     torch.set_num_threads(config.threads)
@@ -131,4 +132,6 @@ def train_task(config: RunConfig, seed: int) -> dict[str, Any]:
                 model.train()
             for key, value in metrics.items():
                 curves[name][key].append(value if math.isfinite(value) else float("nan"))
+        if on_epoch is not None:
+            on_epoch()
     return {"seed": seed, "seconds": time.perf_counter() - start, "steps": total_steps, "curves": curves}

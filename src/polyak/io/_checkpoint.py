@@ -17,6 +17,7 @@ and lists, split by the same skeleton (int keys and tuples survive), so a resume
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -229,7 +230,10 @@ def load(
     NaN/inf, counters; the optimizer state is first loaded into a shallow copy of ``optimizer``, so
     whatever its ``load_state_dict`` would refuse, e.g. an SGD state for AdamW, is refused here), then
     the EMA, the optimizer and the model are written in that order; a failure raises ValueError and
-    leaves all three as they were. Peer checkpoints (timm, ema-pytorch, torch_ema, diffusers,
+    leaves all three as they were. Where the model runs code of its own while loading (load hooks,
+    ``set_extra_state``, a ``_load_from_state_dict`` defined outside torch), which can fail only while
+    it writes, the three states are copied first and put back if the model's load fails (a transient
+    copy of the model's weights and of the averages; the optimizer's old state is kept by reference). Peer checkpoints (timm, ema-pytorch, torch_ema, diffusers,
     AveragedModel, Ultralytics) load into ``ema`` too: their averaged weights become every average of
     ``ema``. Returns the :class:`Checkpoint` (``.extra`` etc.).
     """
@@ -258,13 +262,84 @@ def load(
                 f"{name!r} holds no optimizer state (saved without optimizer=); load it with optimizer=None"
             )
         check_optimizer_state(optimizer, ckpt.optimizer, what=name)
+    restore = None
+    if model is not None and model_state is not None and _runs_own_load_code(model):
+        restore = _Backup.of(model, ema if ema_state is not None else None, optimizer if ckpt.optimizer else None)
     if ema is not None and ema_state is not None:
-        ema.load_state_dict(ema_state)  # checks everything before it writes: the first write
+        ema.load_state_dict(ema_state)  # checks everything before it writes: nothing written on failure
     if optimizer is not None and ckpt.optimizer is not None:
         optimizer.load_state_dict(ckpt.optimizer)  # succeeded on a copy in check_optimizer_state
     if model is not None and model_state is not None:
-        _load_model(model, model_state)
+        try:
+            _load_model(model, model_state)  # checked; only the model's own load code can still fail
+        except Exception as exc:
+            if restore is not None:
+                restore.put_back()
+            raise ValueError(
+                f"{name!r}: the model's own load code failed ({type(exc).__name__}: {exc}); the model, the EMA "
+                "and the optimizer were left as they were"
+            ) from exc
     return ckpt
+
+
+@dataclass
+class _Backup:
+    """What ``load`` puts back when the model's own load code fails after the EMA and the optimizer were
+    written: a copy of the model state and of the EMA state, and the optimizer's old state (by
+    reference: ``Optimizer.load_state_dict`` replaces its state objects, it does not write into them)."""
+
+    model: nn.Module
+    model_state: dict[str, Any]
+    ema: EMA | None
+    ema_state: dict[str, Any] | None
+    optimizer: torch.optim.Optimizer | None
+    optimizer_state: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer | None) -> _Backup:
+        state = {
+            k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in model.state_dict().items()
+        }
+        return cls(
+            model,
+            state,
+            ema,
+            None if ema is None else ema.state_dict(),
+            optimizer,
+            None if optimizer is None else optimizer.state_dict(),
+        )
+
+    def put_back(self) -> None:
+        """Tensors are copied straight back (no load hooks run again); a module's non-tensor extra state
+        is offered back to its ``set_extra_state``, whose own failure most likely left it unchanged."""
+        live = self.model.state_dict()
+        with torch.no_grad():
+            for key, saved in self.model_state.items():
+                target = live.get(key)
+                if isinstance(target, Tensor) and isinstance(saved, Tensor):
+                    target.copy_(saved)
+                elif key.rsplit(".", 1)[-1] == "_extra_state":
+                    owner = self.model.get_submodule(key.rpartition(".")[0])
+                    with contextlib.suppress(Exception):
+                        owner.set_extra_state(saved)
+        if self.ema is not None and self.ema_state is not None:
+            self.ema.load_state_dict(self.ema_state)
+        if self.optimizer is not None and self.optimizer_state is not None:
+            self.optimizer.load_state_dict(self.optimizer_state)
+
+
+def _runs_own_load_code(module: nn.Module) -> bool:
+    """Whether ``module.load_state_dict`` may run code that can fail after our checks: load hooks,
+    non-tensor extra state, or a ``_load_from_state_dict`` defined outside torch."""
+    for sub in module.modules():
+        kind = type(sub)
+        if sub._load_state_dict_pre_hooks or sub._load_state_dict_post_hooks:
+            return True
+        if kind.set_extra_state is not nn.Module.set_extra_state:
+            return True
+        if not kind._load_from_state_dict.__module__.startswith("torch."):
+            return True
+    return False
 
 
 def peer_state_for(ema: EMA, raw: Any, kind: str) -> dict[str, Any]:

@@ -31,8 +31,10 @@ def from_peer(
     """Build a ``polyak.EMA`` on ``model`` from a peer checkpoint file (``ema_kwargs`` go to ``EMA``).
 
     ``format="auto"`` detects it. Unless given, ``decay`` and ``start_step`` come from what torch_ema
-    and diffusers files store (see ``peers.schedule_of``); other peers do not store theirs, and polyak's
-    defaults (0.9999, 0) apply. Ultralytics files need ``trust_pickle=True`` (UNSAFE:
+    and diffusers files store (see ``peers.schedule_of``); timm, ema-pytorch, Ultralytics and
+    ``AveragedModel`` files do not store theirs, so ``decay=`` is required for them (EMA's default, a
+    power-function EMA counted from the file's step, would replace the imported average at the first
+    update of a file with no step). Ultralytics files need ``trust_pickle=True`` (UNSAFE:
     unpickling runs code from the file; only for files you made yourself).
     """
     ckpt = read(path, trust_pickle=trust_pickle)
@@ -48,6 +50,12 @@ def from_peer(
     if stored is not None:
         ema_kwargs.setdefault("decay", stored[0])
         ema_kwargs.setdefault("start_step", stored[1])
+    elif "decay" not in ema_kwargs:
+        raise ValueError(
+            f"{str(path)!r} is a {kind} checkpoint, which does not store the decay it was averaged with; "
+            f"pass decay= to from_peer (the one your {kind} EMA used, e.g. decay=0.9998) so the imported "
+            "average continues on it"
+        )
     ema = EMA(model, **ema_kwargs)
     ema.load_state_dict(peer_state_for(ema, ckpt.raw, kind))
     return ema

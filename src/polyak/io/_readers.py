@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polyak.io._buffers import host_buffer
+
 __all__ = ["CHECKSUM_PREFIX", "SafetensorsFile", "checksum_placeholder", "read_safetensors", "read_torch"]
 
 MAX_HEADER_BYTES = 100_000_000
@@ -163,8 +165,7 @@ def _tensor_at(
         return tensor.view(dtype).reshape(shape)
     tensor = torch.empty(shape, dtype=dtype)
     handle.seek(offset)
-    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-    return tensor if handle.readinto(buffer) == nbytes else None
+    return tensor if handle.readinto(host_buffer(tensor)) == nbytes else None
 
 
 def read_safetensors(handle: io.BufferedReader, name: str, size: int) -> SafetensorsFile:

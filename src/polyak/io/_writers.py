@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from polyak.io._atomic import ChunkedWriter, atomic_writer, write_chunked
+from polyak.io._buffers import host_buffer
 from polyak.io._readers import CHECKSUM_PREFIX, checksum_placeholder
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, "dtype" in the header)
@@ -92,10 +93,7 @@ def _encode_header(header: dict[str, Any]) -> bytes:
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes in C order on the host: a view where it is already a contiguous CPU tensor,
     else one copy of this tensor only."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer
+    return host_buffer(tensor.detach().to("cpu").contiguous())
 
 
 def write_safetensors(handle: BinaryIO, layout: Layout) -> None:

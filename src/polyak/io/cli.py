@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from polyak import _state
+from polyak._progress import Progress
 from polyak._select import normalize_key
 from polyak.io._checkpoint import Checkpoint, read, save
 from polyak.io._exchange import write_state
@@ -40,6 +41,7 @@ def add_commands(subparsers: Any) -> None:
     extract.add_argument("-o", "--output", required=True, help="output file (.safetensors, or .pt/.pth)")
     extract.add_argument("--index", type=int, default=0, help="which average, for multi-decay EMAs (default 0)")
     extract.add_argument("--trust-pickle", action="store_true", help="UNSAFE: allow pickled objects (Ultralytics)")
+    extract.add_argument("--quiet", action="store_true", help="no progress line (shown on a terminal after 1 s)")
     extract.set_defaults(func=_extract)
 
     convert = subparsers.add_parser("convert", help="convert a checkpoint to another library's EMA format")
@@ -48,6 +50,7 @@ def add_commands(subparsers: Any) -> None:
     convert.add_argument("-o", "--output", required=True)
     convert.add_argument("--index", type=int, default=0, help="which average, for multi-decay EMAs (default 0)")
     convert.add_argument("--trust-pickle", action="store_true", help="UNSAFE: allow pickled objects (Ultralytics)")
+    convert.add_argument("--quiet", action="store_true", help="no progress line (shown on a terminal after 1 s)")
     convert.set_defaults(func=_convert)
 
 
@@ -240,12 +243,28 @@ def _print_difference(averaged: Mapping[str, Tensor], raw: Mapping[str, Tensor])
         print(f"  {key:<60} rel {rel:.3e}  abs {diff:.3e}")
 
 
+def _stages(args: argparse.Namespace) -> Progress:
+    """The progress line of a conversion: three sections (read, average, write), drawn only when the
+    work is large enough to take over a second, on a terminal, without ``--quiet``."""
+    return Progress(3, f"{args.command}: reading", quiet=args.quiet)
+
+
+def _next(bar: Progress, args: argparse.Namespace, stage: str) -> None:
+    """The previous section is done; name the one that starts."""
+    bar.label = f"{args.command}: {stage}"
+    bar.advance()
+
+
 @_one_line
 def _extract(args: argparse.Namespace) -> int:
     _check_output(args)
-    ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
-    averaged, _, raw = averaged_from_checkpoint(ckpt, args.index)
-    write_state(args.output, averaged, kind="state_dict")
+    with _stages(args) as bar:
+        ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
+        _next(bar, args, "averaging")
+        averaged, _, raw = averaged_from_checkpoint(ckpt, args.index)
+        _next(bar, args, "writing")
+        write_state(args.output, averaged, kind="state_dict")
+        bar.advance()
     print(f"wrote {len(averaged)} tensors to {args.output}")
     if raw is None and ckpt.kind == "polyak":
         print(
@@ -258,8 +277,24 @@ def _extract(args: argparse.Namespace) -> int:
 @_one_line
 def _convert(args: argparse.Namespace) -> int:
     _check_output(args)
-    ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
-    averaged, step, raw = averaged_from_checkpoint(ckpt, args.index)
+    with _stages(args) as bar:
+        ckpt = read(args.checkpoint, trust_pickle=args.trust_pickle)
+        _next(bar, args, "averaging")
+        averaged, step, raw = averaged_from_checkpoint(ckpt, args.index)
+        _next(bar, args, "writing")
+        _write_converted(args, ckpt, averaged, step, raw)
+        bar.advance()
+    print(f"wrote {args.to} checkpoint to {args.output}")
+    return 0
+
+
+def _write_converted(
+    args: argparse.Namespace,
+    ckpt: Checkpoint,
+    averaged: dict[str, Tensor],
+    step: int | None,
+    raw: dict[str, Any] | None,
+) -> None:
     if args.to == "polyak":
         shadows = {
             normalize_key(k): v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
@@ -279,8 +314,6 @@ def _convert(args: argparse.Namespace) -> int:
         write_state(args.output, averaged, kind="state_dict")
     else:
         write_state(args.output, peer_state(args.to, averaged, step=int(step or 0), raw_model=raw), kind=args.to)
-    print(f"wrote {args.to} checkpoint to {args.output}")
-    return 0
 
 
 def _inspect_json(path: str, ckpt: Any) -> int:

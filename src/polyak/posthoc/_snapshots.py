@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polyak import _state
+from polyak._progress import Progress
 from polyak._validate import as_float, as_int
 from polyak.posthoc import _math
 
@@ -125,16 +127,17 @@ def read_snapshot(directory: Path, manifest: Manifest, step: int) -> list[dict[s
             f"{name!r} belongs to another run (run id {info.get('run_id')!r}, the manifest says "
             f"{manifest.run_id!r}): a stale file from an earlier run; delete it or use a fresh directory"
         )
-    if info.get("step") != step or ckpt.ema.get("step") != step:
+    state = _state.parse(ckpt.ema, what=name)  # the one reader of the EMA state format
+    if info.get("step") != step or state.step != step:
         raise ValueError(
-            f"{name!r} holds step {ckpt.ema.get('step')!r} (labelled {info.get('step')!r}), not step {step}; "
+            f"{name!r} holds step {state.step!r} (labelled {info.get('step')!r}), not step {step}; "
             "the file was renamed or is corrupt"
         )
     if [float(g) for g in info.get("gammas", [])] != list(manifest.gammas):
         raise ValueError(f"{name!r} holds gammas {info.get('gammas')!r}, the manifest {list(manifest.gammas)!r}")
-    averages = ckpt.ema.get("averages")
-    if not isinstance(averages, list) or len(averages) != len(manifest.gammas):
-        raise ValueError(f"{name!r} holds {len(averages or [])} averages, the manifest {len(manifest.gammas)}")
+    averages = state.averages
+    if len(averages) != len(manifest.gammas):
+        raise ValueError(f"{name!r} holds {len(averages)} averages, the manifest {len(manifest.gammas)}")
     want = dict(manifest.keys)
     for avg in averages:
         have = {k: tuple(v.shape) for k, v in avg.items()}
@@ -218,22 +221,24 @@ class Snapshots:
         float64 and returned in the snapshots' dtype, keyed like ``EMA.state_dict()['averages']``."""
         return self.combine(self.weights(sigma_rel, at))
 
-    def combine(self, synthesis: Synthesis) -> dict[str, Tensor]:
-        """``sum_i c_i * snapshot_i`` for the coefficients of ``synthesis`` (float64 sum)."""
+    def combine(self, synthesis: Synthesis, *, progress: bool = False) -> dict[str, Tensor]:
+        """``sum_i c_i * snapshot_i`` for the coefficients of ``synthesis`` (float64 sum). With ``progress``,
+        a progress line on stderr while the snapshot files are read (only on a terminal, after 1 s)."""
         total: dict[str, Tensor] | None = None
         per_step: dict[int, list[float]] = {}
         for step, c in zip(synthesis.steps, synthesis.coefficients):
             per_step.setdefault(step, []).append(c)
-        for step, coeffs in per_step.items():
-            if all(c == 0.0 for c in coeffs):
-                continue
-            averages = read_snapshot(self.directory, self.manifest, step)
-            if total is None:
-                total = {key: torch.zeros(tuple(v.shape), dtype=torch.float64) for key, v in averages[0].items()}
-            for c, avg in zip(coeffs, averages):
-                if c != 0.0:
-                    for key, value in avg.items():
-                        total[key].add_(value.to(torch.float64), alpha=c)
+        used = {step: coeffs for step, coeffs in per_step.items() if any(c != 0.0 for c in coeffs)}
+        with Progress(len(used), "reading snapshots", quiet=not progress) as bar:
+            for step, coeffs in used.items():
+                averages = read_snapshot(self.directory, self.manifest, step)
+                if total is None:
+                    total = {key: torch.zeros(tuple(v.shape), dtype=torch.float64) for key, v in averages[0].items()}
+                for c, avg in zip(coeffs, averages):
+                    if c != 0.0:
+                        for key, value in avg.items():
+                            total[key].add_(value.to(torch.float64), alpha=c)
+                bar.advance()
         if total is None:  # the coefficients sum to 1, so one is nonzero
             raise RuntimeError("internal error: every synthesis coefficient is zero")
         dtype = getattr(torch, self.manifest.dtype.removeprefix("torch."))

@@ -23,6 +23,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--at", type=int, default=None, help="snapshot step to synthesise at (default: the last)")
     p.add_argument("-o", "--output", default=None, help="write the averaged tensors here")
     p.add_argument("--plot", default=None, help="write a PNG of the stored, exact and synthesised profiles")
+    p.add_argument("--quiet", action="store_true", help="no progress line while the snapshots are read")
     p.set_defaults(func=_posthoc)
 
 
@@ -51,7 +52,7 @@ def _posthoc(args: argparse.Namespace) -> int:
     if args.output is not None:
         from polyak.io._exchange import save_plain
 
-        state = snaps.combine(weights)
+        state = snaps.combine(weights, progress=not args.quiet)
         save_plain(args.output, state)
         print(f"wrote {len(state)} tensors to {args.output}")
     if args.plot is not None:
