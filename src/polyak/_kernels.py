@@ -5,8 +5,8 @@ does not compute. The reference arithmetic is ``shadow.lerp_(source.to(shadow.dt
 every faster path runs that same ``lerp`` (same kernel, same scalar weight) on other layouts, so it gives
 the same bits. Measured on a 2-core CPU (``benchmarks/bench_update.py``), the layouts that win are:
 
-* many small tensors: gather them once into a contiguous scratch (``torch.cat(out=)``), then one flat
-  ``lerp_`` per average: one ``cat`` replaces K ``_foreach_lerp_`` calls of ~1 µs per tensor;
+* many small tensors: gather them once into a contiguous scratch (one ``torch.stack``/``torch.cat``
+  per shape class, ``polyak._readers.GatherReader``), then one flat ``lerp_`` per average;
 * large tensors: one ``_foreach_lerp_`` (K = 1), or a tensor-major loop (K > 1) that lerps every average
   of one tensor while it is still in cache, so each weight is read from memory about once for all K;
 * parameters that are already views of one flat buffer (``EMA(..., flatten=True)``): one flat ``lerp_``
