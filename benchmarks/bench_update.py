@@ -16,6 +16,12 @@ the check; ``polyak flatten`` is the opt-in ``EMA(..., flatten=True)`` (default 
 ignore`` the same without the check.
 ``polyak K=4`` keeps four decays; its ratio is also reported against ``polyak`` (K=1).
 
+Memory passes: ``flat sum`` reads every weight once (the finiteness check as a pass of its own);
+``flat sum, then lerp`` decides before it writes (two reads of every weight: what keeping a refused
+update a bit-exact no-op costs once the weights exceed the cache); ``flat blocked sum+lerp`` checks and
+lerps one cache-sized block at a time (one read, but a NaN in a later block leaves the earlier ones
+updated, so it does not keep that guarantee).
+
 Bandwidth: "GB/s" is the least traffic of one update (12 bytes per fp32 weight; 4 + 8K for K averages;
 8 for the copy) over its median time. "of copy" compares it with a flat ``copy_`` timed in the same
 rounds, the usual measure of achievable bandwidth on a GPU; on a CPU a copy also reads each target line
@@ -141,6 +147,45 @@ def impl_flat_copy(model: nn.Module) -> Callable[[], None]:
     source = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     target = torch.empty_like(source)
     return lambda: target.copy_(source)
+
+
+def impl_flat_sum(model: nn.Module) -> Callable[[], None]:
+    """Reading every weight once (a finiteness screen run as its own pass)."""
+    source = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return lambda: bool(source.sum().isfinite()) and None
+
+
+def impl_flat_check_lerp(model: nn.Module) -> Callable[[], None]:
+    """Decide, then write: a finiteness pass over all weights, then the lerp (two reads of every weight).
+    Any update that leaves every average unchanged when a weight is not finite pays at least this when
+    the weights do not fit in the cache: the last weight must be read before the first shadow is written."""
+    source = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shadow = source.clone()
+
+    def update() -> None:
+        if bool(source.sum().isfinite()):
+            shadow.lerp_(source, 1 - DECAY)
+
+    return update
+
+
+BLOCK = 1 << 17  # 512 KB of fp32 per block: 256 KB per thread on 2 threads, within a core's L2
+
+
+def impl_flat_blocked(model: nn.Module) -> Callable[[], None]:
+    """Check a cache-sized block, then lerp it while it is in cache (one read of every weight). A NaN
+    found in block j leaves blocks 0..j-1 updated: this design does not keep a refused update a no-op."""
+    source = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shadow = source.clone()
+    pairs = list(zip(source.split(BLOCK), shadow.split(BLOCK)))
+
+    def update() -> None:
+        for src, dst in pairs:
+            if not bool(src.sum().isfinite()):
+                return
+            dst.lerp_(src, 1 - DECAY)
+
+    return update
 
 
 def impl_foreach(model: nn.Module) -> Callable[[], None]:
@@ -271,6 +316,10 @@ def bytes_per_update(name: str, n_params: int) -> int:
     (12 bytes per weight); K averages read the weight once (4 + 8K); a copy reads and writes 8."""
     if name == "flat copy":
         return 8 * n_params
+    if name == "flat sum":
+        return 4 * n_params
+    if name == "flat sum, then lerp":
+        return 16 * n_params
     if name == "polyak K=4":
         return (4 + 8 * 4) * n_params
     return 12 * n_params
@@ -284,6 +333,9 @@ def bench_shape(shape: str, rounds: int, with_peers: bool, device: torch.device)
     makers: dict[str, Callable[[nn.Module], Callable[[], None]]] = {
         "flat lerp": impl_flat_lerp,
         "flat copy": impl_flat_copy,
+        "flat sum": impl_flat_sum,
+        "flat sum, then lerp": impl_flat_check_lerp,
+        "flat blocked sum+lerp": impl_flat_blocked,
         "_foreach_lerp_": impl_foreach,
         "polyak": impl_polyak(decay=DECAY),
         "polyak ignore": impl_polyak(decay=DECAY, nonfinite="ignore"),

@@ -5,6 +5,11 @@ group laid end to end. ``views[k][i]`` is the k-th average of the group's i-th t
 Keeping every shadow in one buffer lets the update run as a handful of fused ops, lets a state dict be
 read without walking the model, and lets all shadows move or convert together. How a group's live
 tensors are read each update is its ``reader`` (``polyak._readers``).
+
+Within a row the tensors are laid out by shape class (``shape_class``: number of dimensions and trailing
+shape), then by shape, in model order among equal shapes, so that the live tensors of one class can be gathered into the
+row's layout with one ``torch.cat`` over the tensors themselves (``polyak._readers.GatherReader``). The
+lists ``keys``/``sources``/``views[k]`` stay in model order; ``order`` is the row order.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from polyak._readers import ForeachReader, Reader
+from polyak._readers import ForeachReader, Reader, layout_key
 from polyak._select import Selected
 
-__all__ = ["Group", "build_groups", "check_one_device", "shadow_dtype"]
+__all__ = ["Group", "build_groups", "check_one_device", "row_order", "shadow_dtype"]
 
 
 @dataclass
@@ -26,10 +31,11 @@ class Group:
 
     device: torch.device
     dtype: torch.dtype
-    keys: list[str]  # normalised keys, in buffer order
-    sources: list[Tensor]  # the live parameters/buffers, in buffer order
+    keys: list[str]  # normalised keys, in model order
+    sources: list[Tensor]  # the live parameters/buffers, in model order
     flat: Tensor  # (K, N)
     views: list[list[Tensor]] = field(default_factory=list)  # views[k][i]
+    order: list[int] = field(default_factory=list)  # indices into sources, in the row's layout order
     reader: Reader = field(default_factory=lambda: ForeachReader([], torch.float32, torch.device("cpu")))
 
     @property
@@ -50,6 +56,16 @@ def shadow_dtype(source: torch.dtype, override: torch.dtype | None) -> torch.dty
     if source in (torch.float16, torch.bfloat16):
         return torch.float32
     return source
+
+
+def row_order(sources: list[Tensor]) -> list[int]:
+    """The layout order of a shadow row: by shape class, by shape inside a class (first appearance of
+    each), model order among equal shapes (``polyak._readers.layout_key``)."""
+    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    for s in sources:
+        first.setdefault(layout_key(s.shape), len(first))
+    rank = {key: (min(v for k, v in first.items() if k[0] == key[0]), v) for key, v in first.items()}
+    return sorted(range(len(sources)), key=lambda i: rank[layout_key(sources[i].shape)])
 
 
 def build_groups(
@@ -81,19 +97,21 @@ def build_groups(
         group = Group(
             gdev, gdtype, [m.key for m in members], sources, flat, reader=ForeachReader(sources, gdtype, gdev)
         )
-        group.views = [_carve(flat[k], group.sources) for k in range(num_averages)]
+        group.order = row_order(sources)
+        group.views = [_carve(flat[k], group.sources, group.order) for k in range(num_averages)]
         groups.append(group)
     return groups
 
 
-def _carve(row: Tensor, like: list[Tensor]) -> list[Tensor]:
-    views: list[Tensor] = []
+def _carve(row: Tensor, like: list[Tensor], order: list[int]) -> list[Tensor]:
+    """A view of ``row`` per tensor of ``like`` (model order), placed in the row in ``order``."""
+    views: list[Tensor | None] = [None] * len(like)
     offset = 0
-    for t in like:
-        n = t.numel()
-        views.append(row[offset : offset + n].view(t.shape))
+    for i in order:
+        n = like[i].numel()
+        views[i] = row[offset : offset + n].view(like[i].shape)
         offset += n
-    return views
+    return [v for v in views if v is not None]
 
 
 def check_one_device(groups: list[Group], device: torch.device | None) -> None:

@@ -6,7 +6,8 @@ Checked on every ``update()``, so the common case must cost almost nothing:
   submodule; they bump a counter (``generation``), and a watch re-walks its model only when it moved;
 * ``module.to()``/``.double()`` replace buffers, and FSDP2's ``fully_shard``/FSDP/ZeRO-3 swap parameters,
   by writing a module's ``_buffers``/``_parameters`` dict directly, which fires no hook: the watch
-  compares the selected buffers' slots and three parameter slots (first, middle, last) by identity;
+  compares the selected buffers' slots and three parameter slots (first, middle, last) by identity, in
+  one C-level pass (``map(dict.get)`` and ``operator.is_not``; no Python bytecode per slot);
 * a re-pointed ``p.data`` keeps the tensor object: the source readers (``polyak._readers``) notice it.
 
 On a change, ``verify`` walks the model once: a removed/added/reshaped tensor or a replaced averaged
@@ -16,6 +17,7 @@ parameter raises a ValueError saying what to do; a buffer re-assigned with the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import is_not
 from typing import Any
 
 from torch import Tensor, nn
@@ -67,6 +69,10 @@ class ModelWatch:
     generation: int = -1
     buffer_slots: list[Slot] = field(default_factory=list)
     param_probes: list[Slot] = field(default_factory=list)
+    # the watched slots as three parallel lists (dicts, names, tensors), for the one-pass screen
+    _tables: list[dict[str, Any]] = field(default_factory=list)
+    _names: list[str] = field(default_factory=list)
+    _tensors: list[Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         install_registration_hooks()
@@ -78,13 +84,15 @@ class ModelWatch:
         wanted = {id(s.tensor) for s in self.selected if not s.is_buffer and s.mode == "average"}
         probes = _slots(self.model, "_parameters", wanted)
         self.param_probes = probes if len(probes) <= 3 else [probes[0], probes[len(probes) // 2], probes[-1]]
+        slots = self.buffer_slots + self.param_probes
+        self._tables = [d for d, _, _ in slots]
+        self._names = [n for _, n, _ in slots]
+        self._tensors = [t for _, _, t in slots]
 
     def moved(self) -> bool:
         """The cheap screen: did anything register, or a watched slot change, since the last look?"""
-        return (
-            self.generation != _generation
-            or any(d.get(n) is not t for d, n, t in self.buffer_slots)
-            or any(d.get(n) is not t for d, n, t in self.param_probes)
+        return self.generation != _generation or any(
+            map(is_not, map(dict.get, self._tables, self._names), self._tensors)
         )
 
     def check(self) -> dict[str, Tensor]:

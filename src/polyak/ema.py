@@ -191,7 +191,7 @@ class EMA:
             places = [g.device for g in self._groups if g.device.type == "cuda"] + [g.device for g in self._groups]
             self._device = DeviceCounters.create(places[0] if places else torch.device("cpu"), self.num_averages)
         for group in self._groups if flatten else ():
-            reader = flatten_sources(group.sources, group.dtype, group.device)
+            reader = flatten_sources(group.sources, group.dtype, group.device, group.order)
             if reader is None:
                 log.info(
                     "polyak: EMA(flatten=True) left %d tensor(s) of shadow group (%s, %s) as they are: "
@@ -209,7 +209,13 @@ class EMA:
         masked = (group.device.type == "cuda" or self.capturable) and self.nonfinite != "ignore"
         check = self.nonfinite != "ignore"
         group.reader = plan_reader(
-            group.sources, group.dtype, group.device, num_averages=self.num_averages, check=check, force_gather=masked
+            group.sources,
+            group.dtype,
+            group.device,
+            num_averages=self.num_averages,
+            check=check,
+            force_gather=masked,
+            order=group.order,
         )
 
     def _check_on_device(self) -> bool:
@@ -338,7 +344,7 @@ class EMA:
                 self._advance(decision, True)
                 return
         try:
-            sources = [self._source(group, compiling) for group in self._groups]
+            sources = self._read(compiling)
             ok = self._finite(sources)
             if isinstance(ok, list):  # refused on the host (the tensors named): no shadow is written
                 self._refuse(ok, self._counters.step + 1)  # "raise" raises here: the call is not counted
@@ -368,12 +374,25 @@ class EMA:
             return
         self._counters = advance(self._counters, decision, ok)
 
+    def _read(self, compiling: bool) -> list[Tensor | None]:
+        """Every group's flat source (``_source``). Nothing is written before this returns, so a reader
+        that fails (a tensor moved to another device or shape since it was built) is replaced and read
+        once more, after the model walk has raised a clear error for a changed shape."""
+        try:
+            return [self._source(group, compiling) for group in self._groups]
+        except RuntimeError:
+            rebound = self._watch.verify(strict_identity=False)
+            for group in self._groups:
+                group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
+                self._plan(group)
+            return [self._source(group, compiling) for group in self._groups]
+
     def _source(self, group: Group, compiling: bool) -> Tensor | None:
         """The group's flat source (None: per-tensor). Under ``torch.compile`` (capturable), for real
         floating sources on the shadow's device: a plain ``cat`` of the live tensors, which inductor fuses
         into the lerp (no scratch copy, and no cached view left stale by a re-assigned parameter)."""
         if compiling and all(s.is_floating_point() and s.device == group.device for s in group.sources):
-            return torch.cat([s.detach().reshape(-1).to(group.dtype) for s in group.sources])
+            return torch.cat([group.sources[i].detach().reshape(-1).to(group.dtype) for i in group.order])
         return group.reader.read()
 
     def _finite(self, sources: list[Tensor | None]) -> bool | Tensor | list[str]:

@@ -359,13 +359,19 @@ def test_cuda_update_never_syncs_and_masks_nan(num_averages: int) -> None:
 
 
 @pytest.mark.parametrize("num_averages", [1, 3])
-def test_unchecked_updates_gather_only_for_several_averages(num_averages: int) -> None:
-    model = make_model(torch.bfloat16)
+def test_unchecked_updates_gather_small_tensors_and_mid_sized_ones_only_for_several_averages(
+    num_averages: int,
+) -> None:
+    model = make_model(torch.bfloat16)  # tiny tensors: a gather beats per-tensor kernels even read once
     decays = DECAYS[num_averages]
     ref = Reference(model, decays)
     ema = EMA(model, decay=decays, nonfinite="ignore")
-    assert ema.update_plans[0][2] == ("foreach" if num_averages == 1 else "gather")
+    assert ema.update_plans[0][2] == "gather"
     run_both(ema, ref, model)
+    mid = nn.Sequential(nn.Linear(96, 96), nn.Linear(96, 96))  # ~4.6K elements per tensor on average
+    assert EMA(mid, decay=decays, nonfinite="ignore").update_plans[0][2] == (
+        "foreach" if num_averages == 1 else "gather"
+    )
 
 
 def test_a_model_cast_after_construction_is_followed_on_every_plan(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -523,3 +529,101 @@ def test_default_update_called_inside_torch_compile_matches_eager(kwargs: dict[s
     for eager, compiled in zip(*results):
         for key in eager:
             assert torch.equal(eager[key], compiled[key]), key
+
+
+# --- the default update's steady state: no per-tensor Python work ----------------------------------------
+
+
+class Mixed(nn.Module):
+    """Shape classes interleaved in model order: 0-dim, 1-D of several lengths, 2-D of two widths, 4-D."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.a = nn.Linear(3, 4)
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.temp = nn.Parameter(torch.tensor(-0.25))
+        self.b = nn.Linear(4, 4)
+        self.c = nn.Linear(3, 2)
+        self.register_buffer("stat", torch.ones(5))
+
+
+def test_gather_over_mixed_shape_classes_matches_the_reference_and_follows_repointed_tensors() -> None:
+    model = Mixed()
+    ref = Reference(model, [0.7, 0.9])
+    ema = EMA(model, decay=[0.7, 0.9])
+    assert ema.update_plans[0][2] == "gather"
+    run_both(ema, ref, model, steps=3)
+    with torch.no_grad():  # re-point a 0-dim, a 2-D and a 4-D tensor (same shapes)
+        model.temp.data = torch.tensor(2.0)
+        model.b.weight.data = model.b.weight.detach().clone() * 3
+        model.conv.weight.data = torch.full_like(model.conv.weight, 0.5)
+    run_both(ema, ref, model, steps=3)
+
+
+def test_gather_compares_no_data_pointers_per_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = 0
+    compare = _readers.pointers_moved
+
+    def counting(sources: list[torch.Tensor], ptrs: list[int]) -> bool:
+        nonlocal calls
+        calls += 1
+        return compare(sources, ptrs)
+
+    monkeypatch.setattr(_readers, "pointers_moved", counting)
+    model = make_model(torch.float32)
+    ref = Reference(model, [0.7])
+    ema = EMA(model, decay=0.7)
+    assert ema.update_plans[0][2] == "gather"
+    run_both(ema, ref, model, steps=4)
+    assert calls == 0
+
+
+def test_gather_of_a_tensor_reassigned_with_another_shape_raises_and_writes_nothing() -> None:
+    model = Mixed()
+    ema = EMA(model, decay=0.5)
+    ema.update()
+    before = {k: v.clone() for k, v in ema.state_dict()["averages"][0].items()}
+    model.b.weight.data = torch.zeros(3, 4)  # same shape class as the (4, 4) original, fewer rows
+    with pytest.raises(ValueError, match=r"'b.weight' has shape \(3, 4\)"):
+        ema.update()
+    model.b.weight.data = torch.zeros(4, 4)
+    after = ema.state_dict()["averages"][0]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_gather_follows_a_model_cast_to_half_bit_for_bit() -> None:
+    model = Mixed()
+    ema = EMA(model, decay=0.5)
+    ema.update()
+    model.half()
+    ref = Reference(model, [0.5])
+    ref.shadows = [{k: v.clone() for k, v in ema.state_dict()["averages"][0].items()}]
+    assert ema.update_plans[0][2] == "gather"
+    run_both(ema, ref, model, steps=2)
+
+
+def test_watch_screen_notices_a_reassigned_buffer_slot() -> None:
+    model = Mixed()
+    ema = EMA(model, decay=0.5)
+    assert not ema._watch.moved()
+    model._buffers["stat"] = torch.zeros(5)  # what module.to() does: no registration hook fires
+    assert ema._watch.moved()
+
+
+def test_a_reader_that_fails_before_any_write_is_rebuilt_and_read_again() -> None:
+    """E.g. a model moved to another device after the EMA was built: ``cat`` into the old scratch raises
+    before a shadow is written, so the update rebuilds the reader and goes on with the same bits."""
+    model = make_model(torch.float32)
+    ref = Reference(model, [0.7])
+    ema = EMA(model, decay=0.7)
+    run_both(ema, ref, model, steps=1)
+    stale = ema._groups[0].reader
+
+    def fail() -> torch.Tensor:
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    stale.read = fail  # type: ignore[method-assign]
+    run_both(ema, ref, model, steps=2)
+    assert ema._groups[0].reader is not stale
