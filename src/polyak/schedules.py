@@ -259,11 +259,10 @@ class power_function:
     gamma: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
-            raise TypeError(f"gamma must be a number > -1, got {self.gamma!r}")
-        if not (self.gamma > -1.0 and math.isfinite(self.gamma)):
-            raise ValueError(f"gamma must be a finite number > -1, got {self.gamma!r}")
-        object.__setattr__(self, "gamma", float(self.gamma))
+        gamma = as_float(self.gamma, "gamma")  # numpy scalars too, like every other schedule argument
+        if not gamma > -1.0:
+            raise ValueError(f"gamma must be a finite number > -1, got {gamma!r}")
+        object.__setattr__(self, "gamma", gamma)
 
     def __call__(self, t: int, /) -> float:
         _check_step(t)

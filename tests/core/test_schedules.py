@@ -131,3 +131,11 @@ def test_schedules_are_values():
     assert hash(schedules.ultralytics()) == hash(schedules.ultralytics())
     assert repr(schedules.num_updates(0.99)) == "num_updates(decay=0.99)"
     assert schedules.as_schedule(0.5) == schedules.constant(0.5)
+
+
+def test_power_function_accepts_a_numpy_gamma_like_every_schedule_argument() -> None:
+    import numpy as np
+
+    assert schedules.power_function(np.float32(6.94)) == schedules.power_function(float(np.float32(6.94)))
+    with pytest.raises(TypeError, match="gamma must be a real number"):
+        schedules.power_function(True)  # type: ignore[arg-type]

@@ -264,7 +264,9 @@ def load(
         check_optimizer_state(optimizer, ckpt.optimizer, what=name)
     restore = None
     if model is not None and model_state is not None and _runs_own_load_code(model):
-        restore = _Backup.of(model, ema if ema_state is not None else None, optimizer if ckpt.optimizer else None)
+        restore = _Backup.of(
+            model, ema if ema_state is not None else None, optimizer if ckpt.optimizer is not None else None
+        )
     if ema is not None and ema_state is not None:
         ema.load_state_dict(ema_state)  # checks everything before it writes: nothing written on failure
     if optimizer is not None and ckpt.optimizer is not None:
