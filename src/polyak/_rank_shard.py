@@ -52,6 +52,7 @@ __all__ = [
     "local_views",
     "piece_slices",
     "pieces",
+    "rank_slices",
     "scatter_row_",
     "take",
     "tensor_ranges",
@@ -116,6 +117,15 @@ def tensor_ranges(numels: Sequence[int], order: Sequence[int], world: int) -> li
         for p in pieces(numels, order, *chunk_range(n, world, r)):
             out[p.index][r] = (p.start, p.stop)
     return out
+
+
+def rank_slices(
+    shapes: Sequence[Sequence[int]], order: Sequence[int], world: int, rank: int, group: Any = None
+) -> list[RankSlice]:
+    """The ``RankSlice`` of every tensor of a group (shapes in model order, row layout ``order``) on
+    ``rank`` of ``world`` (no collective)."""
+    ranges = tensor_ranges([math.prod(s) for s in shapes], order, world)
+    return [RankSlice(tuple(int(d) for d in s), tuple(r), rank, group) for s, r in zip(shapes, ranges)]
 
 
 def local_views(local: Tensor, found: Sequence[Piece]) -> list[list[Tensor]]:

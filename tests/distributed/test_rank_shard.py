@@ -1,0 +1,238 @@
+"""Rank-sharded shadows, the parts that need no process group: the ``torch.chunk`` column ranges, the
+pieces they cut from each tensor, the DCP boxes of a flat range, the reader of the live pieces (ranks
+simulated in one process against the replicated engine, bit for bit) and the checkpoint form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from polyak import EMA, _kernels
+from polyak._layout import row_order
+from polyak._rank_shard import (
+    FlatRangeShard,
+    RankShardReader,
+    RankSlice,
+    chunk_range,
+    flat_boxes,
+    local_views,
+    pieces,
+    rank_slices,
+    scatter_row_,
+    take,
+    tensor_ranges,
+)
+
+shapes_st = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(numel=st.integers(0, 60), world=st.integers(1, 9))
+def test_chunk_range_is_torch_chunk(numel: int, world: int) -> None:
+    chunks = [c.tolist() for c in torch.chunk(torch.arange(numel), world)] if numel else []
+    c = math.ceil(numel / world)
+    for rank in range(world):
+        lo, hi = chunk_range(numel, world, rank)
+        expected = chunks[rank] if rank < len(chunks) else []
+        assert list(range(lo, hi)) == expected
+        assert hi - lo <= c
+        if rank < world - 1 and hi - lo < c:  # only the last non-empty chunk is short, the rest are empty
+            assert chunk_range(numel, world, rank + 1)[1] - chunk_range(numel, world, rank + 1)[0] == 0
+
+
+def test_chunk_range_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="rank must be <= 1"):
+        chunk_range(10, 2, 2)
+    with pytest.raises(ValueError, match="world must be >= 1"):
+        chunk_range(10, 0, 0)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        chunk_range(10, 2, True)
+    assert chunk_range(3, 5, 4) == (3, 3)  # N < world: the last ranks are empty
+
+
+def _row(tensors: list[Tensor], order: list[int]) -> Tensor:
+    return torch.cat([tensors[i].reshape(-1) for i in order]) if tensors else torch.zeros(0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(shapes=shapes_st, world=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_pieces_cover_every_element_once_and_match_the_row(shapes: list[tuple[int, ...]], world: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(s, generator=g) for s in shapes]
+    order = row_order(tensors)
+    numels = [t.numel() for t in tensors]
+    row = _row(tensors, order)
+    n = row.numel()
+    seen = [torch.zeros(t.numel(), dtype=torch.int64) for t in tensors]
+    for rank in range(world):
+        lo, hi = chunk_range(n, world, rank)
+        found = pieces(numels, order, lo, hi)
+        # the pieces tile the local row, in order, and hold the row's elements of this rank
+        assert [p.offset for p in found] == [sum(q.numel for q in found[:j]) for j in range(len(found))]
+        assert sum(p.numel for p in found) == hi - lo
+        local = torch.cat([tensors[p.index].reshape(-1)[p.start : p.stop] for p in found]) if found else torch.zeros(0)
+        assert torch.equal(local, row[lo:hi])
+        for p in found:
+            assert 0 <= p.start < p.stop <= numels[p.index]
+            seen[p.index][p.start : p.stop] += 1
+    assert all(bool((s == 1).all()) for s in seen)
+    # the per-tensor table agrees with the pieces, and the ranges of one tensor are consecutive
+    ranges = tensor_ranges(numels, order, world)
+    for i, rs in enumerate(ranges):
+        covered = sorted(r for r in rs if r[0] < r[1])
+        assert [a for a, _ in covered] == ([0] + [b for _, b in covered[:-1]] if covered else [])
+        assert (covered[-1][1] if covered else 0) == numels[i]
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=0, max_size=4).map(tuple), data=st.data())
+def test_flat_boxes_are_the_range(shape: tuple[int, ...], data: st.DataObject) -> None:
+    numel = math.prod(shape)
+    start = data.draw(st.integers(0, numel))
+    stop = data.draw(st.integers(start, numel))
+    full = torch.arange(numel).view(shape)
+    boxes = flat_boxes(shape, start, stop)
+    assert len(boxes) <= max(1, 2 * len(shape) - 1)
+    got: list[int] = []
+    for box in boxes:
+        assert len(box.offsets) == len(box.sizes) == len(shape)
+        part = full
+        for dim, (o, s) in enumerate(zip(box.offsets, box.sizes)):
+            assert 0 <= o and o + s <= shape[dim] and s >= 1
+            part = part.narrow(dim, o, s)
+        values = part.reshape(-1).tolist()
+        assert values == list(range(box.start, box.start + box.numel))  # contiguous in flat order
+        got += values
+    assert got == list(range(start, stop))
+
+
+def test_flat_boxes_worked_example() -> None:
+    # elements 5..22 of a (3, 2, 4) tensor: rest of row (0, 1), row 1 whole, then row (2, 0) up to 6
+    boxes = flat_boxes((3, 2, 4), 5, 23)
+    assert [(b.offsets, b.sizes) for b in boxes] == [
+        ((0, 1, 1), (1, 1, 3)),
+        ((1, 0, 0), (1, 2, 4)),
+        ((2, 0, 0), (1, 1, 4)),
+        ((2, 1, 0), (1, 1, 3)),
+    ]
+    assert flat_boxes((), 0, 1)[0].sizes == ()
+    assert flat_boxes((4, 4), 3, 3) == []
+
+
+class _Net(nn.Module):
+    """Dims 5 and 1 so that shards are uneven and empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 1)
+        self.s = nn.Parameter(torch.tensor(0.5))
+        self.big = nn.Parameter(torch.randn(3, 7, 2))
+
+
+def _step(model: nn.Module, g: torch.Generator) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.1)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("decays", [[0.9], [0.9, 0.5, 0.99]])
+def test_simulated_ranks_give_the_replicated_average_bit_for_bit(gather: bool, decays: list[float]) -> None:
+    """Every rank lerps its pieces from its own copy of the weights; laid side by side, the local rows
+    are the replicated EMA's rows, bit for bit, for world sizes 1 to 4 (and N < world)."""
+    torch.manual_seed(0)
+    model = _Net()
+    ema = EMA(model, decay=decays, nonfinite="ignore")
+    (group,) = ema._groups
+    sources, order = group.sources, group.order
+    n, k = group.numel, len(decays)
+    worlds = [1, 2, 3, 4, n + 3]
+    ranks = []
+    for world in worlds:
+        for rank in range(world):
+            lo, hi = chunk_range(n, world, rank)
+            found = pieces([s.numel() for s in sources], order, lo, hi)
+            local = group.flat[:, lo:hi].clone()
+            reader = RankShardReader(sources, found, group.dtype, group.device, gather=gather)
+            ranks.append((world, lo, hi, local, local_views(local, found), reader))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        _step(model, g)
+        ema.update()
+        weights = ema._counters.last_decays  # the decays of this update: lerp weight 1 - beta
+        for _, _, _, local, views, reader in ranks:
+            assert not reader.moved()
+            src = reader.read()
+            assert (src is None) != (gather and bool(reader.slices))
+            _kernels.lerp_shadows_(
+                views, local, reader.slices, src, [1 - b for b in weights], same_dtype=reader.same_dtype
+            )
+    for world in worlds:
+        rows = torch.cat([local for w, _, _, local, _, _ in ranks if w == world], dim=1)
+        assert rows.shape == (k, n)
+        assert torch.equal(rows, group.flat), world
+
+
+def test_reader_follows_a_repointed_parameter() -> None:
+    model = _Net()
+    sources = list(model.parameters())
+    order = row_order(sources)
+    n = sum(p.numel() for p in sources)
+    found = pieces([p.numel() for p in sources], order, *chunk_range(n, 2, 1))
+    reader = RankShardReader(sources, found, torch.float32, torch.device("cpu"), gather=True)
+    before = reader.read()
+    assert before is not None and not reader.moved()
+    big = next(i for i, p in enumerate(sources) if p is model.big)
+    target = next(p for p in found if p.index == big)  # the largest tensor, last in the row: on rank 1
+    with torch.no_grad():
+        model.big.data = torch.full_like(model.big, 7.0)  # the old storage stays alive in the slice
+    assert reader.moved()
+    fresh = RankShardReader(sources, found, torch.float32, torch.device("cpu"), gather=True).read()
+    assert fresh is not None
+    assert bool((fresh[target.offset : target.offset + target.numel] == 7.0).all())
+
+
+def test_reader_refuses_non_contiguous_sources() -> None:
+    t = torch.randn(4, 3).t()
+    found = pieces([t.numel()], [0], 0, 12)
+    with pytest.raises(ValueError, match="not contiguous"):
+        RankShardReader([t], found, torch.float32, torch.device("cpu"), gather=True)
+
+
+def test_scatter_row_writes_the_row_layout_into_the_live_tensors() -> None:
+    model = _Net()
+    sources = list(model.parameters())
+    order = row_order(sources)
+    row = torch.arange(sum(p.numel() for p in sources), dtype=torch.float32)
+    scatter_row_(row, sources, order)
+    assert torch.equal(_row([p.detach() for p in sources], order), row)
+
+
+def test_rank_slice_take_accept_and_the_checkpoint_form() -> None:
+    full = torch.randn(3, 4)
+    world = 3
+    slices = [rank_slices([(3, 4)], [0], world, r)[0] for r in range(world)]
+    assert [s.ranges[s.rank] for s in slices] == [(0, 4), (4, 8), (8, 12)]
+    other = RankSlice((3, 4), ((0, 6), (6, 12)), 0)
+    for s in slices:
+        local = s.take(full)
+        assert torch.equal(local, full.reshape(-1)[s.start : s.stop])
+        shard = s.wrap(local.clone())
+        assert isinstance(shard, FlatRangeShard) and shard.shape == (3, 4)
+        assert torch.equal(s.accept("w", shard), local)
+        assert torch.equal(s.accept("w", full), local)  # a full tensor: each rank takes its part
+        with pytest.raises(ValueError, match="another rank layout"):
+            s.accept("w", other.wrap(take(full, 0, 6)))
+        with pytest.raises(ValueError, match="shape mismatch for 'w'"):
+            s.accept("w", torch.zeros(4, 3))
+        with pytest.raises(TypeError, match="use .local"):
+            shard.sum()
+        assert "elements [" in repr(shard)
+    with pytest.raises(ValueError, match="1-D tensor of 4 elements"):
+        slices[0].wrap(torch.zeros(5))
