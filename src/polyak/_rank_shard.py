@@ -420,7 +420,7 @@ class FlatRangeShard(Tensor):
         )
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         raise TypeError(
             f"{func} on a FlatRangeShard: it is a rank's part of an averaged tensor, for "
             "torch.distributed.checkpoint; use .local (this rank's elements) or .full_tensor() (a collective)"

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -61,7 +61,9 @@ def _row(tensors: list[Tensor], order: list[int]) -> Tensor:
 
 @settings(max_examples=200, deadline=None)
 @given(shapes=shapes_st, world=st.integers(1, 7), seed=st.integers(0, 2**16))
-def test_pieces_cover_every_element_once_and_match_the_row(shapes: list[tuple[int, ...]], world: int, seed: int) -> None:
+def test_pieces_cover_every_element_once_and_match_the_row(
+    shapes: list[tuple[int, ...]], world: int, seed: int
+) -> None:
     g = torch.Generator().manual_seed(seed)
     tensors = [torch.randn(s, generator=g) for s in shapes]
     order = row_order(tensors)
@@ -103,7 +105,9 @@ def test_flat_boxes_are_the_range(shape: tuple[int, ...], data: st.DataObject) -
         assert len(box.offsets) == len(box.sizes) == len(shape)
         part = full
         for dim, (o, s) in enumerate(zip(box.offsets, box.sizes)):
-            assert 0 <= o and o + s <= shape[dim] and s >= 1
+            assert o >= 0
+            assert o + s <= shape[dim]
+            assert s >= 1
             part = part.narrow(dim, o, s)
         values = part.reshape(-1).tolist()
         assert values == list(range(box.start, box.start + box.numel))  # contiguous in flat order
@@ -187,7 +191,8 @@ def test_reader_follows_a_repointed_parameter() -> None:
     found = pieces([p.numel() for p in sources], order, *chunk_range(n, 2, 1))
     reader = RankShardReader(sources, found, torch.float32, torch.device("cpu"), gather=True)
     before = reader.read()
-    assert before is not None and not reader.moved()
+    assert before is not None
+    assert not reader.moved()
     big = next(i for i, p in enumerate(sources) if p is model.big)
     target = next(p for p in found if p.index == big)  # the largest tensor, last in the row: on rank 1
     with torch.no_grad():
@@ -224,7 +229,8 @@ def test_rank_slice_take_accept_and_the_checkpoint_form() -> None:
         local = s.take(full)
         assert torch.equal(local, full.reshape(-1)[s.start : s.stop])
         shard = s.wrap(local.clone())
-        assert isinstance(shard, FlatRangeShard) and shard.shape == (3, 4)
+        assert isinstance(shard, FlatRangeShard)
+        assert shard.shape == (3, 4)
         assert torch.equal(s.accept("w", shard), local)
         assert torch.equal(s.accept("w", full), local)  # a full tensor: each rank takes its part
         with pytest.raises(ValueError, match="another rank layout"):
