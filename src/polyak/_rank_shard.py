@@ -28,20 +28,23 @@ Collectives (every rank of the process group must call them, in the same order):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from polyak._layout import row_order, shadow_dtype
 from polyak._readers import Reader, pointers_moved
+from polyak._select import Selected
 from polyak._validate import as_int
 
 __all__ = [
     "Box",
     "FlatRangeShard",
     "Piece",
+    "RankLayout",
     "RankShardReader",
     "RankSlice",
     "chunk_range",
@@ -49,9 +52,11 @@ __all__ = [
     "flat_boxes",
     "gather_row",
     "gather_tensor",
+    "layouts_of",
     "local_views",
     "piece_slices",
     "pieces",
+    "process_group",
     "rank_slices",
     "scatter_row_",
     "take",
@@ -313,6 +318,99 @@ def gather_tensor(
     return full.view(tuple(shape))
 
 
+# --- a shadow group's rank layout ----------------------------------------------------------------------
+
+
+def process_group(shard: Any) -> tuple[Any, int, int]:
+    """``(group, world, rank)`` for ``EMA(shard=...)``: ``True`` is the default process group, a
+    ``ProcessGroup`` itself; a ValueError or TypeError saying what to do otherwise (no collective)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "EMA(shard=...) splits the averages over the ranks of a process group, but torch.distributed has no "
+            "initialised process group; call torch.distributed.init_process_group() first (as DDP needs), or "
+            "leave shard=False"
+        )
+    if shard is True:
+        group = None
+    elif isinstance(shard, dist.ProcessGroup):
+        group = shard
+    else:
+        raise TypeError(
+            f"shard must be False, True (the default process group) or a torch.distributed.ProcessGroup, got "
+            f"{type(shard).__name__} {shard!r}"
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("EMA(shard=group): this process is not a member of that process group")
+    return group, dist.get_world_size(group), rank
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """The rank layout of one shadow group (``polyak._layout``: one per shadow device and dtype): its
+    tensors' keys and shapes in model order, the row order, and the process group that splits the row.
+    Rank ``rank`` keeps the columns ``chunk_range(numel, world, rank)``."""
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    order: tuple[int, ...]
+    world: int
+    rank: int
+    group: Any = None
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    def slices(self) -> dict[str, RankSlice]:
+        """The ``RankSlice`` of every tensor by key (no collective)."""
+        return dict(zip(self.keys, rank_slices(self.shapes, self.order, self.world, self.rank, self.group)))
+
+    def gather_(self, local: Mapping[str, Tensor], live: Mapping[str, Tensor]) -> None:
+        """Write the full row into the live tensors from every rank's local parts (``local[key]``: this
+        rank's 1-D piece of each tensor, e.g. its average): ONE all-gather over the group, which every rank
+        must call (``gather_row``), then a local copy into each live tensor (cast to its dtype)."""
+        found = pieces(self.numels, self.order, *chunk_range(self.numel, self.world, self.rank))
+        parts = [local[self.keys[p.index]] for p in found]
+        ref = next(iter(local.values()))
+        mine = torch.cat(parts) if parts else ref.new_empty(0)
+        row = gather_row(mine, self.numel, self.world, self.group)
+        scatter_row_(row, [live[k] for k in self.keys], self.order)
+
+
+def layouts_of(
+    selected: Sequence[Selected], *, dtype: torch.dtype | None, device: torch.device | None, shard: Any
+) -> list[RankLayout]:
+    """The rank layout of every shadow group the averaged tensors among ``selected`` would form (grouped
+    and ordered as ``polyak._layout.build_groups`` groups full tensors), split over ``process_group(shard)``."""
+    group, world, rank = process_group(shard)
+    by_group: dict[tuple[torch.device, torch.dtype], list[Selected]] = {}
+    for s in selected:
+        if s.mode != "average":
+            continue
+        sdtype = shadow_dtype(s.tensor.dtype, dtype)
+        if s.tensor.is_complex() and not sdtype.is_complex:
+            sdtype = s.tensor.dtype
+        by_group.setdefault((device if device is not None else s.tensor.device, sdtype), []).append(s)
+    return [
+        RankLayout(
+            tuple(m.key for m in members),
+            tuple(tuple(m.tensor.shape) for m in members),
+            tuple(row_order([m.tensor for m in members])),
+            world,
+            rank,
+            group,
+        )
+        for members in by_group.values()
+    ]
+
+
 # --- one tensor's placement, and its checkpoint form ----------------------------------------------------
 
 
@@ -329,6 +427,7 @@ class RankSlice:
     ranges: tuple[tuple[int, int], ...]
     rank: int
     group: Any = None
+    _seen: list[Any] = field(default_factory=lambda: [None, -1, None], compare=False, repr=False)
 
     @property
     def start(self) -> int:
@@ -339,8 +438,22 @@ class RankSlice:
         return self.ranges[self.rank][1]
 
     def local(self, live: Tensor) -> Tensor:
-        """This rank's 1-D piece of the live tensor (a view)."""
-        return take(live, self.start, self.stop)
+        """This rank's 1-D piece of the live tensor: a view, the same object while ``live`` is the same
+        tensor at the same address (the view keeps the storage it was cut from alive, so a re-pointed
+        ``p.data`` always has another address: the live tensor is compared, never the view)."""
+        seen = self._seen
+        ptr = live.data_ptr()
+        if seen[0] is live and seen[1] == ptr:
+            return seen[2]  # type: ignore[no-any-return]
+        t = live.detach()
+        if not t.is_contiguous():
+            raise ValueError(
+                f"EMA(shard=...) averages a slice of each live tensor's storage, but a tensor of shape {self.shape} "
+                f"is not contiguous (stride {t.stride()}); make it contiguous (p.data = p.data.contiguous())"
+            )
+        view = t.view(-1)[self.start : self.stop]
+        seen[:] = [live, ptr, view]
+        return view
 
     def wrap(self, local: Tensor) -> Tensor:
         """The DCP form of a local piece: a ``FlatRangeShard`` of the full shape (no copy, no collective)."""

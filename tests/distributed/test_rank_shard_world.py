@@ -21,6 +21,7 @@ from polyak._rank_shard import (
     RankShardReader,
     chunk_range,
     gather_row,
+    layouts_of,
     local_views,
     pieces,
     rank_slices,
@@ -100,7 +101,7 @@ def _sharded_state(ema: EMA, shards: list[Any], rank: int, world: int) -> dict[s
 def _world_two(rank: int, world: int, path: str) -> dict[str, Any]:
     model, ema = _replicated(0)
     shards = _shard(ema, rank, world, fresh=False)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"rank": rank, "numel": ema._groups[0].numel}
     with CommDebugMode() as comm:
         _train(model, ema, 6, shards)
     out["update_collectives"] = comm.get_total_counts()
@@ -113,8 +114,27 @@ def _world_two(rank: int, world: int, path: str) -> dict[str, Any]:
     for (group, *_), rs in zip(shards, rows):
         scatter_row_(rs[1], group.sources, group.order)
     averaged = ema.averaged_state_dict(1)
+    out["scattered_equal"] = all(torch.equal(model.state_dict()[k], averaged[k]) for k in averaged)
+    model.load_state_dict(live)
+    # the layout of each group from the selection alone (as the EMA will build it), and apply's gather:
+    # each rank's 1-D pieces of the averages, one all-gather per group, written into the live weights
+    layouts = layouts_of(ema._selected, dtype=None, device=None, shard=True)
+    out["layouts"] = [
+        (lay.numel, lay.order == tuple(g.order), lay.world, lay.rank) for lay, g in zip(layouts, ema._groups)
+    ]
+    live_by_key = dict(zip(ema._groups[0].keys, ema._groups[0].sources))
+    slices = layouts[0].slices()
+    out["local_is_stable"] = all(sl.local(live_by_key[k]) is sl.local(live_by_key[k]) for k, sl in slices.items())
+    mine = {k: sl.local(averaged[k]).to(torch.float32) for k, sl in slices.items()}
+    with CommDebugMode() as comm:
+        layouts[0].gather_(mine, live_by_key)
+    out["apply_collectives"] = comm.get_total_counts()
     out["applied_equal"] = all(torch.equal(model.state_dict()[k], averaged[k]) for k in averaged)
     model.load_state_dict(live)
+    try:
+        layouts_of(ema._selected, dtype=None, device=None, shard="yes")
+    except TypeError as e:
+        out["bad_shard"] = str(e)
     # one full tensor at a time (streaming a state): one all-gather per tensor
     state = _sharded_state(ema, shards, rank, world)
     reference = ema.state_dict()
@@ -166,6 +186,12 @@ def _load_into_plain_ema(path: str, reference: dict[str, Any]) -> None:
             assert torch.equal(state["averages"][k][key], value), key
 
 
+def test_shard_needs_an_initialised_process_group() -> None:
+    _, ema = _replicated(0)
+    with pytest.raises(ValueError, match="no initialised process group"):
+        layouts_of(ema._selected, dtype=None, device=None, shard=True)
+
+
 @requires_distributed
 def test_world_two_updates_without_collectives_and_gathers_once(tmp_path: Path) -> None:
     path = str(tmp_path / "ckpt")
@@ -174,7 +200,12 @@ def test_world_two_updates_without_collectives_and_gathers_once(tmp_path: Path) 
         assert r["update_collectives"] == 0
         assert r["row_collectives"] == len(DECAYS)  # one all-gather per group (one here) and average
         assert r["rows_equal"]
+        assert r["scattered_equal"]
+        assert r["layouts"] == [(r["numel"], True, 2, r["rank"])]
+        assert r["local_is_stable"]
+        assert r["apply_collectives"] == 1
         assert r["applied_equal"]
+        assert "shard must be False, True" in r["bad_shard"]
         assert r["tensor_collectives"] == r["tensors"] == 6
         assert r["full_equal"]
         assert r["shard_types"] == [FlatRangeShard.__name__]
