@@ -240,5 +240,8 @@ def test_rank_slice_take_accept_and_the_checkpoint_form() -> None:
         with pytest.raises(TypeError, match="use .local"):
             shard.sum()
         assert "elements [" in repr(shard)
+        detached = shard.detach()
+        assert isinstance(detached, FlatRangeShard)
+        assert detached.local is shard.local
     with pytest.raises(ValueError, match="1-D tensor of 4 elements"):
         slices[0].wrap(torch.zeros(5))
