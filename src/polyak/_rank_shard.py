@@ -494,7 +494,7 @@ class FlatRangeShard(Tensor):
     DCP sees the range as the boxes of ``flat_boxes`` (``__create_write_items__``,
     ``__create_chunk_list__``, ``__get_tensor_shard__``, the hooks DTensor implements); each box is a
     view of ``local``, so a load writes straight into it. It is no tensor for arithmetic (any op but
-    ``detach`` raises a TypeError): read ``local``, or ``full_tensor()`` (a collective) for the whole tensor.
+    ``detach`` and ``to``, which act on ``local``, raises a TypeError): read ``local``, or ``full_tensor()`` (a collective) for the whole tensor.
     """
 
     local: Tensor
@@ -536,6 +536,8 @@ class FlatRangeShard(Tensor):
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         if func is torch.ops.aten.detach.default:  # state-dict walkers detach every tensor
             return FlatRangeShard(args[0].local, args[0].placement)
+        if func is torch.ops.aten._to_copy.default:  # .to(dtype, device, copy=True): the local part, cast
+            return FlatRangeShard(func(args[0].local, *args[1:], **(kwargs or {})), args[0].placement)
         raise TypeError(
             f"{func} on a FlatRangeShard: it is a rank's part of an averaged tensor, for "
             "torch.distributed.checkpoint; use .local (this rank's elements) or .full_tensor() (a collective)"

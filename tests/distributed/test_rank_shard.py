@@ -243,5 +243,10 @@ def test_rank_slice_take_accept_and_the_checkpoint_form() -> None:
         detached = shard.detach()
         assert isinstance(detached, FlatRangeShard)
         assert detached.local is shard.local
+        cast = shard.to(dtype=torch.float64, copy=True)
+        assert isinstance(cast, FlatRangeShard)
+        assert cast.dtype == cast.local.dtype == torch.float64
+        assert cast.local.data_ptr() != shard.local.data_ptr()
+        assert torch.equal(cast.local, shard.local.double())
     with pytest.raises(ValueError, match="1-D tensor of 4 elements"):
         slices[0].wrap(torch.zeros(5))
