@@ -326,21 +326,19 @@ def process_group(shard: Any) -> tuple[Any, int, int]:
     ``ProcessGroup`` itself; a ValueError or TypeError saying what to do otherwise (no collective)."""
     import torch.distributed as dist
 
+    group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+    if shard is not True and (group_type is None or not isinstance(shard, group_type)):
+        raise TypeError(
+            f"shard must be False, True (the default process group) or a torch.distributed.ProcessGroup, got "
+            f"{type(shard).__name__} {shard!r}"
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
             "EMA(shard=...) splits the averages over the ranks of a process group, but torch.distributed has no "
             "initialised process group; call torch.distributed.init_process_group() first (as DDP needs), or "
             "leave shard=False"
         )
-    if shard is True:
-        group = None
-    elif isinstance(shard, dist.ProcessGroup):
-        group = shard
-    else:
-        raise TypeError(
-            f"shard must be False, True (the default process group) or a torch.distributed.ProcessGroup, got "
-            f"{type(shard).__name__} {shard!r}"
-        )
+    group = None if shard is True else shard
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("EMA(shard=group): this process is not a member of that process group")
@@ -378,8 +376,7 @@ class RankLayout:
         must call (``gather_row``), then a local copy into each live tensor (cast to its dtype)."""
         found = pieces(self.numels, self.order, *chunk_range(self.numel, self.world, self.rank))
         parts = [local[self.keys[p.index]] for p in found]
-        ref = next(iter(local.values()))
-        mine = torch.cat(parts) if parts else ref.new_empty(0)
+        mine = torch.cat(parts) if parts else local[self.keys[0]].new_empty(0)  # the group's dtype on every rank
         row = gather_row(mine, self.numel, self.world, self.group)
         scatter_row_(row, [live[k] for k in self.keys], self.order)
 
@@ -387,12 +384,15 @@ class RankLayout:
 def layouts_of(
     selected: Sequence[Selected], *, dtype: torch.dtype | None, device: torch.device | None, shard: Any
 ) -> list[RankLayout]:
-    """The rank layout of every shadow group the averaged tensors among ``selected`` would form (grouped
-    and ordered as ``polyak._layout.build_groups`` groups full tensors), split over ``process_group(shard)``."""
+    """The rank layout of every shadow group the averaged *parameters* among ``selected`` would form
+    (grouped and ordered as ``polyak._layout.build_groups`` groups full tensors), split over
+    ``process_group(shard)``. Buffers are left whole: DDP copies rank 0's buffers to every rank at the
+    start of each forward, and each rank's forward then changes its own (BatchNorm statistics of its own
+    batch), so they are not replicated when the average is updated."""
     group, world, rank = process_group(shard)
     by_group: dict[tuple[torch.device, torch.dtype], list[Selected]] = {}
     for s in selected:
-        if s.mode != "average":
+        if s.mode != "average" or s.is_buffer:
             continue
         sdtype = shadow_dtype(s.tensor.dtype, dtype)
         if s.tensor.is_complex() and not sdtype.is_complex:
@@ -419,8 +419,9 @@ class RankSlice:
     """Where a rank's part of one averaged tensor lives: the flat range ``ranges[rank]`` of a tensor of
     ``shape``, every rank's range recorded (``tensor_ranges``) so a full tensor is gathered without asking.
 
-    ``local(live)`` (the live piece), ``wrap(local)`` (a ``FlatRangeShard`` for DCP), ``take(full)`` and
-    ``accept(key, value)`` are local; ``gather(local)`` is a collective over ``group``.
+    It is the ``polyak._sharding.Placement`` of a rank-sharded tensor: ``local(live)`` (the live piece),
+    ``stamp(live)``, ``wrap(local)`` (a ``FlatRangeShard`` for DCP), ``take(full)`` and ``accept(key,
+    value)`` are local; ``gather(local)`` is a collective over ``group``.
     """
 
     shape: tuple[int, ...]
@@ -454,6 +455,11 @@ class RankSlice:
         view = t.view(-1)[self.start : self.stop]
         seen[:] = [live, ptr, view]
         return view
+
+    def stamp(self, live: Tensor) -> object:
+        """What changes identity when ``live`` is re-pointed: its local piece (``local`` returns the same
+        view object until then)."""
+        return self.local(live)
 
     def wrap(self, local: Tensor) -> Tensor:
         """The DCP form of a local piece: a ``FlatRangeShard`` of the full shape (no copy, no collective)."""

@@ -190,6 +190,8 @@ def test_shard_needs_an_initialised_process_group() -> None:
     _, ema = _replicated(0)
     with pytest.raises(ValueError, match="no initialised process group"):
         layouts_of(ema._selected, dtype=None, device=None, shard=True)
+    with pytest.raises(TypeError, match="shard must be False, True"):
+        layouts_of(ema._selected, dtype=None, device=None, shard=1)
 
 
 @requires_distributed
