@@ -9,10 +9,11 @@ live model, an update lerps its columns from its own copy of the weights: no col
 of the replicated average (the lerp is elementwise, the same kernel on the same numbers).
 
 The columns of a rank cut the row into *pieces*: for each live tensor, the 1-D slice ``[start, stop)`` of
-its flattened elements that falls in the rank's range (``pieces``). ``RankShardReader`` reads the live
-pieces each update with the engine's readers and kernels; ``gather_row`` (``apply``: one all-gather per
-group into the live weights), ``gather_tensor`` (one full tensor, for streaming a state) and
-``take`` (a rank's part of a full tensor, loading a standard file) move between the two forms.
+its flattened elements that falls in the rank's range (``pieces``, ``tensor_ranges``). ``RankSlice`` is
+the placement of one tensor (``polyak._sharding``'s seam): its ``local(live)`` is the live piece, a view
+the engine reads each update with its own readers and kernels; ``RankLayout.gather_`` (``apply``: one
+all-gather per shadow group into the live weights), ``gather_tensor`` (one full tensor, for streaming
+a state) and ``take`` (a rank's part of a full tensor, loading a standard file) move between the forms.
 
 For ``torch.distributed.checkpoint`` a rank's part of one N-D tensor is ``FlatRangeShard``: a tensor of
 the full shape (the keys and shapes of a plain EMA's state) that holds only the flat range
@@ -30,13 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from polyak._layout import row_order, shadow_dtype
-from polyak._readers import Reader, pointers_moved
 from polyak._select import Selected
 from polyak._validate import as_int
 
@@ -45,7 +45,6 @@ __all__ = [
     "FlatRangeShard",
     "Piece",
     "RankLayout",
-    "RankShardReader",
     "RankSlice",
     "chunk_range",
     "chunk_size",
@@ -53,8 +52,6 @@ __all__ = [
     "gather_row",
     "gather_tensor",
     "layouts_of",
-    "local_views",
-    "piece_slices",
     "pieces",
     "process_group",
     "rank_slices",
@@ -133,28 +130,6 @@ def rank_slices(
     return [RankSlice(tuple(int(d) for d in s), tuple(r), rank, group) for s, r in zip(shapes, ranges)]
 
 
-def local_views(local: Tensor, found: Sequence[Piece]) -> list[list[Tensor]]:
-    """``views[k][j]``: the 1-D view of average k of piece j in the rank's ``(K, m)`` local buffer."""
-    return [[local[k, p.offset : p.offset + p.numel] for p in found] for k in range(local.shape[0])]
-
-
-def piece_slices(sources: Sequence[Tensor], found: Sequence[Piece]) -> list[Tensor]:
-    """The live pieces: a 1-D view ``t.view(-1)[start:stop]`` of each source (no copy). The views keep
-    the storage they were made from alive, so a re-pointed ``p.data`` is noticed by comparing the
-    sources themselves (``RankShardReader.moved``), never the slices."""
-    out: list[Tensor] = []
-    for p in found:
-        t = sources[p.index].detach()
-        if not t.is_contiguous():
-            raise ValueError(
-                f"EMA(shard=...) reads 1-D slices of the live tensors, but tensor {p.index} of this shadow group "
-                f"is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); make it contiguous "
-                "(p.data = p.data.contiguous()) before building the EMA"
-            )
-        out.append(t.view(-1)[p.start : p.stop])
-    return out
-
-
 def take(full: Tensor, start: int, stop: int) -> Tensor:
     """A rank's part of a full tensor: the view ``full.reshape(-1)[start:stop]`` (no collective; a copy
     only when ``full`` is not contiguous)."""
@@ -210,48 +185,6 @@ def _boxes(shape: tuple[int, ...], start: int, stop: int, prefix: tuple[int, ...
         out.append(Box((*prefix, r0, *(0,) * len(rest)), (*ones, r1 - r0, *rest), base + r0 * inner))
     if b:  # the head of row r1
         _boxes(rest, 0, b, (*prefix, r1), out, base + r1 * inner)
-
-
-# --- reading the live pieces (no collective) ---------------------------------------------------------
-
-
-class RankShardReader(Reader):
-    """A rank's pieces of the live tensors, read with the engine's kernels and no collective.
-
-    ``sources`` are the whole live tensors (model order), ``slices`` their pieces (``piece_slices``, row
-    order). ``read()`` lays the pieces end to end in ``scratch`` like the local row (one ``torch.cat``)
-    when ``gather``, else returns None and the kernels take ``slices`` one by one against the local piece
-    views. ``moved()`` compares the live tensors' data pointers with those recorded here (the slices keep
-    the old storage alive, so an unchanged pointer is an unchanged tensor); the facade then builds a new
-    reader, whose slices point at the new storage.
-    """
-
-    kind: ClassVar[str] = "shard"
-
-    def __init__(
-        self,
-        sources: Sequence[Tensor],
-        found: Sequence[Piece],
-        dtype: torch.dtype,
-        device: torch.device,
-        *,
-        gather: bool,
-    ) -> None:
-        super().__init__(sources, dtype, device)
-        self.pieces = list(found)
-        self.slices = piece_slices(self.sources, self.pieces)
-        self.same_dtype = all(s.dtype == dtype and s.device == device for s in self.slices)
-        self.scratch: Tensor | None = None
-        if gather and self.slices:
-            self.scratch = torch.empty(sum(p.numel for p in self.pieces), dtype=dtype, device=device)
-
-    def read(self) -> Tensor | None:
-        if self.scratch is None:
-            return None
-        return torch.cat(self.slices, out=self.scratch)
-
-    def moved(self) -> bool:
-        return pointers_moved(self.sources, self.ptrs)
 
 
 # --- collectives ---------------------------------------------------------------------------------------

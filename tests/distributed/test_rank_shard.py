@@ -16,17 +16,16 @@ from polyak import EMA, _kernels
 from polyak._layout import row_order
 from polyak._rank_shard import (
     FlatRangeShard,
-    RankShardReader,
     RankSlice,
     chunk_range,
     flat_boxes,
-    local_views,
     pieces,
     rank_slices,
     scatter_row_,
     take,
     tensor_ranges,
 )
+from polyak._readers import plan_reader
 
 shapes_st = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6)
 
@@ -145,69 +144,95 @@ def _step(model: nn.Module, g: torch.Generator) -> None:
             p.add_(torch.randn(p.shape, generator=g), alpha=0.1)
 
 
+class _Rank:
+    """One simulated rank: the local pieces of the live tensors (``RankSlice.local``), a ``(K, m)`` local
+    shadow with a 1-D view per piece, and the engine's own reader over the pieces (``plan_reader``)."""
+
+    def __init__(self, sources: list[Tensor], order: list[int], world: int, rank: int, k: int, gather: bool) -> None:
+        self.sources = sources
+        self.slices = rank_slices([s.shape for s in sources], order, world, rank)
+        self.pieces = [sl.local(s) for sl, s in zip(self.slices, sources)]
+        self.flat = torch.empty(k, sum(p.numel() for p in self.pieces))
+        offsets = [sum(p.numel() for p in self.pieces[:i]) for i in range(len(self.pieces))]
+        self.views = [[row[o : o + p.numel()] for o, p in zip(offsets, self.pieces)] for row in self.flat]
+        for views in self.views:
+            _kernels.copy_(views, self.pieces)
+        self.reader = plan_reader(
+            self.pieces, torch.float32, torch.device("cpu"), num_averages=k, check=False, force_gather=gather
+        )
+
+    def follow(self) -> None:
+        """What the EMA's watch does each update: a new stamp means a re-pointed tensor, so a new reader."""
+        stamps = [sl.stamp(s) for sl, s in zip(self.slices, self.sources)]
+        if any(a is not b for a, b in zip(stamps, self.pieces)):
+            self.pieces = stamps
+            self.reader = plan_reader(
+                self.pieces, torch.float32, torch.device("cpu"), num_averages=len(self.views), check=False
+            )
+
+    def update(self, weights: list[float]) -> None:
+        self.follow()
+        src = self.reader.read()
+        _kernels.lerp_shadows_(self.views, self.flat, self.pieces, src, weights, same_dtype=self.reader.same_dtype)
+
+    def average(self, k: int, i: int) -> Tensor:
+        return self.views[k][i]
+
+
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("decays", [[0.9], [0.9, 0.5, 0.99]])
 def test_simulated_ranks_give_the_replicated_average_bit_for_bit(gather: bool, decays: list[float]) -> None:
-    """Every rank lerps its pieces from its own copy of the weights; laid side by side, the local rows
-    are the replicated EMA's rows, bit for bit, for world sizes 1 to 4 (and N < world)."""
+    """Every rank lerps its pieces from its own copy of the weights with the engine's readers and kernels;
+    laid side by side, the pieces are the replicated EMA's averages, bit for bit, for world sizes 1 to 4
+    and N + 3 (empty ranks); a re-pointed ``p.data`` is followed."""
     torch.manual_seed(0)
     model = _Net()
     ema = EMA(model, decay=decays, nonfinite="ignore")
     (group,) = ema._groups
-    sources, order = group.sources, group.order
     n, k = group.numel, len(decays)
     worlds = [1, 2, 3, 4, n + 3]
-    ranks = []
-    for world in worlds:
-        for rank in range(world):
-            lo, hi = chunk_range(n, world, rank)
-            found = pieces([s.numel() for s in sources], order, lo, hi)
-            local = group.flat[:, lo:hi].clone()
-            reader = RankShardReader(sources, found, group.dtype, group.device, gather=gather)
-            ranks.append((world, lo, hi, local, local_views(local, found), reader))
+    ranks = {w: [_Rank(group.sources, group.order, w, r, k, gather) for r in range(w)] for w in worlds}
     g = torch.Generator().manual_seed(1)
-    for _ in range(5):
+    for step in range(5):
         _step(model, g)
+        if step == 2:
+            with torch.no_grad():  # a re-pointed p.data: the old storage stays alive in the old pieces
+                model.big.data = model.big.data.clone()
         ema.update()
-        weights = ema._counters.last_decays  # the decays of this update: lerp weight 1 - beta
-        for _, _, _, local, views, reader in ranks:
-            assert not reader.moved()
-            src = reader.read()
-            assert (src is None) != (gather and bool(reader.slices))
-            _kernels.lerp_shadows_(
-                views, local, reader.slices, src, [1 - b for b in weights], same_dtype=reader.same_dtype
-            )
+        weights = [1 - b for b in ema._counters.last_decays]  # the decays of this update: lerp weight 1 - beta
+        for world in worlds:
+            for r in ranks[world]:
+                r.update(weights)
     for world in worlds:
-        rows = torch.cat([local for w, _, _, local, _, _ in ranks if w == world], dim=1)
-        assert rows.shape == (k, n)
-        assert torch.equal(rows, group.flat), world
+        for a in range(k):
+            for i, full in enumerate(group.views[a]):
+                parts = [r.average(a, i) for r in ranks[world]]
+                assert torch.equal(torch.cat(parts).view(full.shape), full), (world, a, i)
 
 
-def test_reader_follows_a_repointed_parameter() -> None:
+def test_local_pieces_are_stable_until_the_tensor_is_repointed() -> None:
     model = _Net()
     sources = list(model.parameters())
     order = row_order(sources)
-    n = sum(p.numel() for p in sources)
-    found = pieces([p.numel() for p in sources], order, *chunk_range(n, 2, 1))
-    reader = RankShardReader(sources, found, torch.float32, torch.device("cpu"), gather=True)
-    before = reader.read()
-    assert before is not None
-    assert not reader.moved()
+    slices = rank_slices([p.shape for p in sources], order, 2, 1)
     big = next(i for i, p in enumerate(sources) if p is model.big)
-    target = next(p for p in found if p.index == big)  # the largest tensor, last in the row: on rank 1
+    sl = slices[big]
+    piece = sl.local(model.big)
+    assert sl.stamp(model.big) is piece  # the same view object: nothing to rebuild
+    assert piece.numel() > 0
     with torch.no_grad():
-        model.big.data = torch.full_like(model.big, 7.0)  # the old storage stays alive in the slice
-    assert reader.moved()
-    fresh = RankShardReader(sources, found, torch.float32, torch.device("cpu"), gather=True).read()
-    assert fresh is not None
-    assert bool((fresh[target.offset : target.offset + target.numel] == 7.0).all())
+        model.big.data = torch.full_like(model.big, 7.0)  # the old storage stays alive in `piece`
+    fresh = sl.stamp(model.big)
+    assert fresh is not piece
+    assert bool((fresh == 7.0).all())
+    assert sl.local(model.big) is fresh
 
 
-def test_reader_refuses_non_contiguous_sources() -> None:
+def test_local_pieces_refuse_non_contiguous_tensors() -> None:
     t = torch.randn(4, 3).t()
-    found = pieces([t.numel()], [0], 0, 12)
+    (sl,) = rank_slices([t.shape], [0], 2, 0)
     with pytest.raises(ValueError, match="not contiguous"):
-        RankShardReader([t], found, torch.float32, torch.device("cpu"), gather=True)
+        sl.local(t)
 
 
 def test_scatter_row_writes_the_row_layout_into_the_live_tensors() -> None:

@@ -18,15 +18,14 @@ from polyak import EMA, _kernels
 from polyak._layout import Group
 from polyak._rank_shard import (
     FlatRangeShard,
-    RankShardReader,
     chunk_range,
     gather_row,
     layouts_of,
-    local_views,
     pieces,
     rank_slices,
     scatter_row_,
 )
+from polyak._readers import Reader, plan_reader
 from tests.distributed.harness import requires_distributed, run_world
 
 DECAYS = [0.9, 0.5]
@@ -49,9 +48,10 @@ def _replicated(seed: int) -> tuple[nn.Module, EMA]:
     return model, EMA(model, decay=DECAYS, nonfinite="ignore")
 
 
-def _train(
-    model: nn.Module, ema: EMA, steps: int, shards: list[tuple[Group, Tensor, list[list[Tensor]], RankShardReader]]
-) -> None:
+Shard = tuple[Group, Tensor, list[list[Tensor]], list[Tensor], Reader]
+
+
+def _train(model: nn.Module, ema: EMA, steps: int, shards: list[Shard]) -> None:
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         with torch.no_grad():
@@ -59,21 +59,23 @@ def _train(
                 p.add_(torch.randn(p.shape, generator=g), alpha=0.1)
         ema.update()
         weights = [1 - b for b in ema._counters.last_decays]
-        for _, local, views, reader in shards:
-            assert not reader.moved()
-            _kernels.lerp_shadows_(views, local, reader.slices, reader.read(), weights, same_dtype=reader.same_dtype)
+        for _, local, views, live, reader in shards:
+            _kernels.lerp_shadows_(views, local, live, reader.read(), weights, same_dtype=reader.same_dtype)
 
 
-def _shard(
-    ema: EMA, rank: int, world: int, *, fresh: bool
-) -> list[tuple[Group, Tensor, list[list[Tensor]], RankShardReader]]:
+def _shard(ema: EMA, rank: int, world: int, *, fresh: bool) -> list[Shard]:
+    """This rank's columns of each group as a ``(K, m)`` local row in chunk order, a view per piece, the
+    live pieces (``RankSlice.local``) and the engine's reader over them."""
     out = []
     for group in ema._groups:
         lo, hi = chunk_range(group.numel, world, rank)
         found = pieces([s.numel() for s in group.sources], group.order, lo, hi)
+        slices = rank_slices([s.shape for s in group.sources], group.order, world, rank)
+        live = [slices[p.index].local(group.sources[p.index]) for p in found]
         local = torch.zeros_like(group.flat[:, lo:hi]) if fresh else group.flat[:, lo:hi].clone()
-        reader = RankShardReader(group.sources, found, group.dtype, group.device, gather=True)
-        out.append((group, local, local_views(local, found), reader))
+        views = [[row[p.offset : p.offset + p.numel] for p in found] for row in local]
+        reader = plan_reader(live, group.dtype, group.device, num_averages=len(DECAYS), check=False, force_gather=True)
+        out.append((group, local, views, live, reader))
     return out
 
 
@@ -81,7 +83,7 @@ def _sharded_state(ema: EMA, shards: list[Any], rank: int, world: int) -> dict[s
     """A plain EMA's state with each average replaced by this rank's ``FlatRangeShard``s (same keys)."""
     state = ema.state_dict()
     averages: list[dict[str, Tensor]] = [{} for _ in DECAYS]
-    for group, local, _, _ in shards:
+    for group, local, *_ in shards:
         slices = rank_slices([s.shape for s in group.sources], group.order, world, rank)
         numels = [s.numel() for s in group.sources]
         starts = {}
@@ -107,7 +109,7 @@ def _world_two(rank: int, world: int, path: str) -> dict[str, Any]:
     out["update_collectives"] = comm.get_total_counts()
     # one all-gather per group gives the replicated rows; scattered into the live weights, the averages
     with CommDebugMode() as comm:
-        rows = [[gather_row(local[k], g.numel, world) for k in range(len(DECAYS))] for g, local, _, _ in shards]
+        rows = [[gather_row(local[k], g.numel, world) for k in range(len(DECAYS))] for g, local, *_ in shards]
     out["row_collectives"] = comm.get_total_counts()
     out["rows_equal"] = all(torch.equal(r, g.flat[k]) for (g, *_), rs in zip(shards, rows) for k, r in enumerate(rs))
     live = {k: v.clone() for k, v in model.state_dict().items()}
@@ -153,10 +155,10 @@ def _load(rank: int, world: int, path: str, reference: dict[str, Any]) -> dict[s
     _, ema = _replicated(seed=5)  # other weights: everything must come from the checkpoint
     shards = _shard(ema, rank, world, fresh=True)
     state = _sharded_state(ema, shards, rank, world)
-    before = [local.clone() for _, local, _, _ in shards]
+    before = [local.clone() for _, local, *_ in shards]
     dcp.load({"ema": state}, checkpoint_id=path)
     out: dict[str, Any] = {"step": state["step"], "products": state["products"]}
-    out["changed"] = all(not torch.equal(b, local) for b, (_, local, _, _) in zip(before, shards))
+    out["changed"] = all(not torch.equal(b, local) for b, (_, local, *_) in zip(before, shards))
     out["locals_equal"] = all(
         torch.equal(shard.local, shard.placement.take(reference["averages"][k][key]))
         for k, average in enumerate(state["averages"])
