@@ -6,7 +6,9 @@ thing. Here a group's ``(K, N)`` shadow buffer (``polyak._layout``) is split alo
 ``c = ceil(N / world)``, rank r keeps the columns ``[min(r c, N), min((r + 1) c, N))`` (the last ranks
 hold fewer, or none, when N is not a multiple of world or N < world). Since the rank holds the whole
 live model, an update lerps its columns from its own copy of the weights: no collective, and the bits
-of the replicated average (the lerp is elementwise, the same kernel on the same numbers).
+of the replicated average (the lerp is elementwise, the same kernel on the same numbers). Only
+parameters are split (``layouts_of``): DDP's buffers differ across ranks between forwards, so each rank
+keeps its own whole.
 
 The columns of a rank cut the row into *pieces*: for each live tensor, the 1-D slice ``[start, stop)`` of
 its flattened elements that falls in the rank's range (``pieces``, ``tensor_ranges``). ``RankSlice`` is
@@ -22,8 +24,8 @@ row, full rows, a partial row, recursively). DCP reshards such states between wo
 into a plain, single-process EMA.
 
 Collectives (every rank of the process group must call them, in the same order): ``gather_row``,
-``gather_tensor`` and ``RankSlice.gather``/``FlatRangeShard.full_tensor``. Everything else is local.
-``torch.distributed`` is imported only by the collectives.
+``RankLayout.gather_``, ``gather_tensor`` and ``RankSlice.gather``/``FlatRangeShard.full_tensor``.
+Everything else is local. ``torch.distributed`` is imported only by these and by ``process_group``.
 """
 
 from __future__ import annotations
