@@ -83,4 +83,5 @@ def test_ddp_teacher_pairs_by_name_and_matches_one_process(tmp_path: Path) -> No
     plain = polyak.Teacher(_student(), momentum=0.8)
     plain.load_state_dict(states[0])
     assert plain.step == STEPS
-    assert "are DTensors" in (tmp_path / "errors.txt").read_text()
+    errors = (tmp_path / "errors.txt").read_text()
+    assert "are DTensors" in errors and "with ema.apply():" in errors, errors
