@@ -20,10 +20,10 @@ DECAYS = [0.9, 0.5]
 BATCH = 12  # divisible by 2 and 3
 
 
-def _model() -> nn.Module:
+def _model(hidden: int = 5) -> nn.Module:
     torch.manual_seed(0)
     # dims 5 and 1: shards of 3/2 rows at world 2, and an empty shard of the (1, 5) weight on rank 1
-    return nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1))
+    return nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,9 +37,9 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     opt.step()
 
 
-def _reference() -> dict[str, Any]:
+def _reference(hidden: int = 5) -> dict[str, Any]:
     """A single-process EMA of the same model trained on the whole batch."""
-    model = _model()
+    model = _model(hidden)
     ema = polyak.EMA(model, decay=DECAYS)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     xs, ys = _data()
@@ -187,3 +187,56 @@ def test_fsdp2_shards_average_locally_and_match_one_process(tmp_path: Path) -> N
         assert "ema.apply()" in module and "averaged_state_dict(full=True)" in module
         assert "DTensors" in teacher
         assert "Build the EMA after sharding the model" in r["late"], r["late"]
+
+
+def _train_and_gather(model: nn.Module, rank: int, shards: int) -> dict[str, Any]:
+    """Train with the data split over ``shards`` data-parallel ranks (1: every rank sees the whole batch);
+    return the zero-collective checks' counts and the gathered averages."""
+    ema = polyak.EMA(model, decay=DECAYS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = _data()
+    counts = []
+    for i in range(STEPS):
+        part = rank % shards
+        _step(model, opt, xs[i].chunk(shards)[part], ys[i].chunk(shards)[part])
+        counts.append(_count_comms(ema.update))
+    with ema.apply(1), torch.no_grad():
+        out1 = model(xs[0])
+    placements = [str(tuple(p.placements)) for p in model.parameters()]
+    full = [ema.averaged_state_dict(k, full=True) for k in range(2)]
+    return {"counts": counts, "full": full, "out1": out1, "placements": placements}
+
+
+def _placements_run(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    out: dict[str, Any] = {}
+    tp = parallelize_module(_model(6), mesh_1d(world), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    out["tp"] = _train_and_gather(tp, rank, shards=1)
+    for shape in ((world, 1), (1, world)):  # HSDP: replicate over dim 0, shard over dim 1
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        hsdp = _model()
+        fully_shard(hsdp, mesh=mesh)
+        out[f"hsdp{shape}"] = _train_and_gather(hsdp, rank, shards=world)
+    return out
+
+
+@requires_distributed
+def test_tensor_parallel_and_hsdp_placements_match_one_process(tmp_path: Path) -> None:
+    refs = {"tp": _reference(6), "hsdp": _reference()}
+    results = run_world(_placements_run, 2, tmp_path)
+    assert results[0]["tp"]["placements"] == ["(Shard(dim=0),)", "(Shard(dim=0),)", "(Shard(dim=1),)", "(Replicate(),)"]
+    assert results[0]["hsdp(2, 1)"]["placements"][0] == "(Replicate(), Shard(dim=0))"
+    for name in ("tp", "hsdp(2, 1)", "hsdp(1, 2)"):
+        ref = refs[name[:4] if name != "tp" else "tp"]
+        for rank, r in enumerate(results):
+            assert r[name]["counts"] == [0] * STEPS, (name, r[name]["counts"])
+            torch.testing.assert_close(r[name]["out1"], ref["out1"], atol=1e-6, rtol=0)
+            assert (r[name]["full"][0] == {}) == (rank != 0)
+        for k in range(2):
+            full = results[0][name]["full"][k]
+            assert sorted(full) == sorted(ref["avg"][k]), name
+            for key, value in ref["avg"][k].items():
+                torch.testing.assert_close(full[key], value, atol=1e-6, rtol=0, msg=f"{name} {key}")
