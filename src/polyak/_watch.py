@@ -85,7 +85,9 @@ class ModelWatch:
         self.buffer_slots = _slots(self.model, "_buffers", {id(s.tensor) for s in self.selected if s.is_buffer})
         wanted = {id(s.tensor) for s in self.selected if not s.is_buffer and s.mode == "average"}
         probes = _slots(self.model, "_parameters", wanted)
-        self.param_probes = probes if len(probes) <= 3 or self.probe_all else [probes[0], probes[len(probes) // 2], probes[-1]]
+        self.param_probes = (
+            probes if len(probes) <= 3 or self.probe_all else [probes[0], probes[len(probes) // 2], probes[-1]]
+        )
         slots = self.buffer_slots + self.param_probes
         self._tables = [d for d, _, _ in slots]
         self._names = [n for _, n, _ in slots]

@@ -56,7 +56,8 @@ def _save_and_load_run(rank: int, world: int, saved: str, plain: str) -> dict[st
         ema.update()
     state = ema.state_dict()
     assert all(hasattr(v, "full_tensor") for a in state["averages"] for v in a.values())
-    assert isinstance(state["step"], int) and isinstance(state["products"], list)
+    assert isinstance(state["step"], int)
+    assert isinstance(state["products"], list)
     dcp.save({"ema": ema}, checkpoint_id=saved)
 
     _, from_plain = _sharded(world)  # world 1 (no process group) -> world 2

@@ -84,4 +84,5 @@ def test_ddp_teacher_pairs_by_name_and_matches_one_process(tmp_path: Path) -> No
     plain.load_state_dict(states[0])
     assert plain.step == STEPS
     errors = (tmp_path / "errors.txt").read_text()
-    assert "are DTensors" in errors and "with ema.apply():" in errors, errors
+    assert "are DTensors" in errors, errors
+    assert "with ema.apply():" in errors, errors
