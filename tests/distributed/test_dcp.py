@@ -65,7 +65,22 @@ def _save_and_load_run(rank: int, world: int, saved: str, plain: str) -> dict[st
     # a full plain state loads too: each rank takes its part, no collective
     _, from_full = _sharded(world)
     from_full.load_state_dict(torch.load(Path(plain).parent / "plain_state.pt", weights_only=True))
-    return {"saved": _full_state(ema), "from_plain": _full_state(from_plain), "from_full": _full_state(from_full)}
+    # polyak.save: a collective that writes one standard file from rank 0, model and optimizer included
+    out = Path(saved).parent
+    for name in ("sharded.safetensors", "sharded.pt"):
+        polyak.save(out / name, ema, model=model, optimizer=opt)
+    # polyak.load of a standard file into a sharded EMA: each rank takes its part, no collective
+    _, from_file = _sharded(world)
+    polyak.load(out / "plain.safetensors", from_file)
+    with pytest.raises(ValueError, match="torch.distributed.checkpoint"):
+        polyak.load(out / "plain.safetensors", model=model)
+    return {
+        "saved": _full_state(ema),
+        "from_plain": _full_state(from_plain),
+        "from_full": _full_state(from_full),
+        "from_file": _full_state(from_file),
+        "model": {k: v.full_tensor() for k, v in model.state_dict().items()},
+    }
 
 
 def _load_run(rank: int, world: int, saved: str) -> dict[str, Any]:
@@ -89,12 +104,22 @@ def _resharding(tmp_path: Path) -> dict[str, Any]:
     plain_dir = tmp_path / "plain"
     dcp.save({"ema": plain}, checkpoint_id=plain_dir, no_dist=True)
     torch.save(plain.state_dict(), tmp_path / "plain_state.pt")
+    polyak.save(tmp_path / "plain.safetensors", plain, model=plain.model)
     saved = tmp_path / "sharded"
     r0, r1 = run_world(_save_and_load_run, 2, tmp_path, str(saved), str(plain_dir))
     for r in (r0, r1):
-        _assert_same(r["from_plain"], plain.state_dict())
-        _assert_same(r["from_full"], plain.state_dict())
+        for key in ("from_plain", "from_full", "from_file"):
+            _assert_same(r[key], plain.state_dict())
     _assert_same(r0["saved"], r1["saved"])
+
+    # the file written from rank 0 loads into a plain single-process EMA, and its model section too
+    for name in ("sharded.safetensors", "sharded.pt"):
+        model = _model()
+        ema = polyak.EMA(model, decay=DECAYS)
+        polyak.load(tmp_path / name, ema, model=model)
+        _assert_same(ema.state_dict(), r0["saved"])
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, r0["model"][key]), key
 
     # world 2 -> world 1, in this process: no process group, a plain EMA of the plain model
     loaded = polyak.EMA(_model(), decay=DECAYS)

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
+from polyak._sharding import is_dtensor
 from polyak.io._atomic import ChunkedWriter, atomic_writer, write_chunked
 from polyak.io._buffers import host_buffer
 from polyak.io._readers import CHECKSUM_PREFIX, checksum_placeholder
@@ -92,7 +93,10 @@ def _encode_header(header: dict[str, Any]) -> bytes:
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes in C order on the host: a view where it is already a contiguous CPU tensor,
-    else one copy of this tensor only."""
+    else one copy of this tensor only. A DTensor is gathered first (a collective, see
+    ``save_safetensors_from_rank0``)."""
+    if is_dtensor(tensor):
+        tensor = tensor.full_tensor()  # type: ignore[attr-defined]
     return host_buffer(tensor.detach().to("cpu").contiguous())
 
 
@@ -120,6 +124,23 @@ def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor]
     layout = safetensors_layout(tensors, metadata)
     with atomic_writer(path) as handle:
         write_safetensors(handle, layout)
+    return Path(path)
+
+
+def save_safetensors_from_rank0(
+    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str], *, rank0: bool
+) -> Path:
+    """``save_safetensors`` for tensors of which some are DTensors: a collective every rank must call.
+    Every rank walks the tensors in file order and gathers each DTensor in turn; rank 0 streams them into
+    the file, so it holds at most one full tensor beyond its shards."""
+    layout = safetensors_layout(tensors, metadata)  # the same header (and errors) on every rank
+    if rank0:
+        with atomic_writer(path) as handle:
+            write_safetensors(handle, layout)
+    else:
+        for tensor in layout.tensors:
+            if is_dtensor(tensor):
+                tensor.full_tensor()  # type: ignore[attr-defined]
     return Path(path)
 
 
