@@ -187,8 +187,19 @@ def shards_of(selected: list[Selected]) -> Shards | None:
     live = {s.key: s.tensor for s in selected if s.mode == "average" and is_dtensor(s.tensor)}
     if not live:
         return None
+    if _torch_version() < (2, 7):
+        raise ValueError(
+            f"averaging DTensor parameters (FSDP2, tensor parallelism) needs torch >= 2.7 (it takes each rank's "
+            f"part of a full tensor with distribute_tensor(src_data_rank=None)); this is torch {torch.__version__}. "
+            "Upgrade torch, or wrap the model in DDP"
+        )
     placements: dict[str, Placement] = {k: DTensorPlacement.of(t) for k, t in live.items()}
     return Shards(placements, live)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def replaced_message(key: str, old: Tensor, new: Tensor) -> str | None:
