@@ -9,6 +9,7 @@ each averaged tensor says how to get there.
 The seam (``Placement``): one small object per averaged key, recorded when the EMA is built, that knows
 
 * ``local(live)``: the part of the live tensor this rank reads and writes (no collective);
+* ``stamp(live)``: an object that is replaced when that part is re-pointed (compared by identity);
 * ``wrap(local)``: the state value of a local average, loadable by ``torch.distributed.checkpoint``
   (no collective);
 * ``gather(local)``: the full tensor (a collective over the placement's ranks);
@@ -41,6 +42,7 @@ __all__ = [
     "agree",
     "full_items",
     "is_dtensor",
+    "local_pairs",
     "replaced_message",
     "reshard",
     "shards_of",
@@ -60,6 +62,8 @@ class Placement(Protocol):
     """Where one averaged tensor lives across ranks (see the module docstring)."""
 
     def local(self, live: Tensor) -> Tensor: ...
+
+    def stamp(self, live: Tensor) -> object: ...
 
     def wrap(self, local: Tensor) -> Tensor: ...
 
@@ -89,8 +93,18 @@ class DTensorPlacement:
 
     def local(self, live: Tensor) -> Tensor:
         """The local shard itself (``to_local()`` under no_grad returns the stored tensor, no copy)."""
-        with torch.no_grad():
-            return live.to_local()  # type: ignore[attr-defined,no-any-return]
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return live.to_local()  # type: ignore[attr-defined,no-any-return]
+        return live.to_local()  # type: ignore[attr-defined,no-any-return]
+
+    def stamp(self, live: Tensor) -> object:
+        """The DTensor's stored local tensor, which FSDP2 re-assigns when it re-points a shard
+        (``reset_sharded_param``). ``to_local()`` of a ``Parameter(DTensor)`` is a fresh view on every call
+        (torch 2.13), so it cannot serve; where the attribute is missing the fresh view is returned, and the
+        EMA then re-reads the local shards on every update (correct, slower)."""
+        stored = getattr(live, "_local_tensor", None)
+        return stored if stored is not None else self.local(live)
 
     def wrap(self, local: Tensor) -> Tensor:
         from torch.distributed.tensor import DTensor
@@ -138,9 +152,11 @@ class Shards:
     placements: dict[str, Placement]
     live: dict[str, Tensor]
     locals: dict[str, Tensor] = field(default_factory=dict)
+    stamps: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.locals = {key: self.placements[key].local(t) for key, t in self.live.items()}
+        self.stamps = {key: self.placements[key].stamp(t) for key, t in self.live.items()}
         self._keys = list(self.live)
 
     def follow(self, rebound: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -150,14 +166,12 @@ class Shards:
         out = dict(rebound)
         for key in rebound.keys() & self.live.keys():
             self.live[key] = rebound[key]
-        lives = [self.live[k] for k in self._keys]
-        with torch.no_grad():
-            now = [self.placements[k].local(t) for k, t in zip(self._keys, lives)]
-        if rebound or any(map(is_not, now, (self.locals[k] for k in self._keys))):
-            for key, local in zip(self._keys, now):
-                if local is not self.locals[key] or key in rebound:
-                    self.locals[key] = local
-                    out[key] = local
+        now = [self.placements[k].stamp(self.live[k]) for k in self._keys]
+        if rebound or any(map(is_not, now, (self.stamps[k] for k in self._keys))):
+            for key, stamp in zip(self._keys, now):
+                if stamp is not self.stamps[key] or key in rebound:
+                    self.stamps[key] = stamp
+                    self.locals[key] = out[key] = self.placements[key].local(self.live[key])
         return out
 
     def wrap(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -180,6 +194,24 @@ class Shards:
             for average in averages
         ]
         return {**state, "averages": local}
+
+
+def local_pairs(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """``(target, value)`` pairs of ``EMA.copy_to`` as local shards (DTensors have no foreach copy);
+    a ValueError, before anything is written, where the target is not sharded like the value."""
+    out = []
+    for dst, value in pairs:
+        if is_dtensor(dst) != is_dtensor(value) or (
+            is_dtensor(dst)
+            and (dst.device_mesh != value.device_mesh or tuple(dst.placements) != tuple(value.placements))  # type: ignore[attr-defined]
+        ):
+            raise ValueError(
+                "copy_to: the averages are DTensor shards but the target model is not sharded the same way; shard "
+                "the target like the model (same mesh and placements), or load ema.averaged_state_dict(full=True) "
+                "into an unsharded model"
+            )
+        out.append((dst.to_local(), value.to_local()) if is_dtensor(dst) else (dst, value))  # type: ignore[attr-defined]
+    return out
 
 
 def shards_of(selected: list[Selected]) -> Shards | None:

@@ -674,13 +674,8 @@ class EMA:
         if self._shards is not None:
             averaged = self._shards.wrap(averaged)
         pairs = copy_pairs(self._selected, targets, averaged)
-        mixed = [d for d, v in pairs if _sharding.is_dtensor(d) != _sharding.is_dtensor(v)]
-        if mixed:
-            raise ValueError(
-                "copy_to: the averages are DTensor shards but the target model is not sharded the same way (or the "
-                "other way round); shard the target like the model (fully_shard), or load "
-                "ema.averaged_state_dict(full=True) into an unsharded model"
-            )
+        if self._shards is not None:
+            pairs = _sharding.local_pairs(pairs)
         _kernels.copy_([d for d, _ in pairs], [s for _, s in pairs])
 
     def state_dict(self) -> dict[str, Any]:

@@ -80,6 +80,9 @@ def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
         _step(model, opt, xs[i].chunk(world)[rank], ys[i].chunk(world)[rank])
         counts.append(_count_comms(ema.update))
     assert counts == [0] * STEPS, counts
+    readers = [g.reader for g in ema._groups]
+    ema._check_model_unchanged()  # nothing re-pointed: readers kept (to_local() is a fresh view per call)
+    assert [g.reader for g in ema._groups] == readers
     out: dict[str, Any] = {"shapes": shapes}
 
     sharded = ema.averaged_state_dict(0)
@@ -140,6 +143,15 @@ def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
         torch.equal(a.to_local(), b.to_local())
         for a, b in zip(saved["averages"][0].values(), after["averages"][0].values())
     )
+
+    # copy_to: into a model sharded alike (local shards written), refused into an unsharded one
+    twin = _model()
+    fully_shard(twin, mesh=mesh)
+    ema.copy_to(twin, index=1)
+    averaged = ema.averaged_state_dict(1)
+    assert all(torch.equal(v.to_local(), averaged[k].to_local()) for k, v in twin.state_dict().items())
+    with pytest.raises(ValueError, match="not sharded the same way"):
+        ema.copy_to(_model())
 
     errors = []
     for build in (
