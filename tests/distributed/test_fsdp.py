@@ -129,6 +129,7 @@ def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
     ema_ignore = polyak.EMA(model, decay=0.9, nonfinite="ignore")
     assert _count_comms(ema_ignore.update) == 0
     ema_skip = polyak.EMA(model, decay=0.9, nonfinite="skip")
+    on_device = polyak.EMA(model, decay=0.9, nonfinite="skip", capturable=True)  # the flag stays a tensor
     saved = ema_skip.state_dict()
     local = model[0].weight.to_local()
     if rank == 1:
@@ -136,6 +137,13 @@ def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
             local[0, 0] = float("nan")
     out["skip_comms"] = _count_comms(ema_skip.update)
     assert ema_skip.skipped_updates == 1, ema_skip.skipped_updates
+    on_device.update()
+    on_device.synchronize()
+    assert on_device.skipped_updates == 1, on_device.skipped_updates
+    assert all(
+        torch.equal(a.to_local(), b.to_local())
+        for a, b in zip(saved["averages"][0].values(), on_device.state_dict()["averages"][0].values())
+    )
     with torch.no_grad():
         local.copy_(saved["averages"][0]["0.weight"].to_local())
     after = ema_skip.state_dict()
