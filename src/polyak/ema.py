@@ -58,7 +58,10 @@ class EMA:
         shadow <- beta_t * shadow + (1 - beta_t) * weight          (computed as shadow.lerp_(weight, 1 - beta_t))
 
     Args:
-        model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied.
+        model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied. With
+            DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism, HSDP; build the EMA after
+            sharding) each rank keeps shadows of its own local shards only, and ``update()`` issues no
+            collective (see ``docs/distributed.md`` for which calls are collectives).
         decay: a float in [0, 1] (constant decay; 1 freezes the average), a schedule ``t -> beta_t`` from
             ``polyak.schedules``, or a sequence of those to keep several averages (``index=`` selects one).
             Default: ``schedules.DEFAULT_DECAY``, the power-function EMA ``(1 - 1/t) ** 17.97`` (EDM2, sigma_rel 0.05).
@@ -85,7 +88,12 @@ class EMA:
             CUDA the update never waits for the device: the flag masks the update on the device, the
             counters live there, and the error or the skip count happen at the next point where the host
             looks: the next ``update()`` whose copy of the count has landed, or ``apply``/``copy_to``/
-            ``averaged_state_dict``/``state_dict``/``synchronize()``, which wait for it.
+            ``averaged_state_dict``/``state_dict``/``synchronize()``, which wait for it. With sharded
+            (DTensor) parameters ``"skip"`` makes every update one collective: an all-reduce of the
+            finiteness flag over the default process group, so that every rank skips the same updates
+            (a NaN seen by one rank would otherwise leave the shards of an average from different
+            steps); ``"raise"`` (only the rank that sees the NaN raises) and ``"ignore"`` communicate
+            nothing.
         flatten: opt-in speed-up for models with many small tensors: make the model's averaged tensors
             views into one contiguous buffer per (device, dtype), laid out like the shadows, so an update
             is one flat ``lerp_`` per average with no gather (as FSDP/DeepSpeed flat parameters do).
@@ -93,7 +101,8 @@ class EMA:
             after keeps working; build the EMA before ``torch.compile``, DDP/FSDP wrapping, or anything
             that records parameter addresses (CUDA graphs). If a parameter is later re-assigned
             (``model.half()``, ``p.data = ...``) the next update notices (one read of the buffer's storage
-            use count per update), logs a warning and falls back to the default path.
+            use count per update), logs a warning and falls back to the default path. Refused (ValueError)
+            for DTensor parameters, whose storage FSDP owns.
         capturable: opt-in (named after ``torch.optim``'s ``capturable=True``): the counters live as
             tensors on the shadow device and ``update()`` runs the same tensor ops on every call, with no
             host read and no Python branch on the step, so a CUDA graph can capture it and

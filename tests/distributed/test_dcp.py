@@ -65,6 +65,16 @@ def _save_and_load_run(rank: int, world: int, saved: str, plain: str) -> dict[st
     # a full plain state loads too: each rank takes its part, no collective
     _, from_full = _sharded(world)
     from_full.load_state_dict(torch.load(Path(plain).parent / "plain_state.pt", weights_only=True))
+    # a model load through DCP's state-dict API: the EMA keeps following the shards it writes
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    follower = polyak.EMA(model, decay=0.0)
+    fresh = {k: torch.full_like(v, 0.25) for k, v in _model().state_dict().items()}
+    set_model_state_dict(model, dict(fresh), options=StateDictOptions(full_state_dict=True))
+    follower.update()
+    for key, value in follower.averaged_state_dict(full=True).items():
+        assert torch.equal(value, fresh[key]), key
+
     # polyak.save: a collective that writes one standard file from rank 0, model and optimizer included
     out = Path(saved).parent
     for name in ("sharded.safetensors", "sharded.pt"):
