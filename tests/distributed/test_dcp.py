@@ -4,14 +4,17 @@ model, bit for bit; a plain EMA saved without a process group loads into a shard
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import polyak
+from polyak.io import _atomic
 from tests.distributed.harness import mesh_1d, requires_distributed, run_world
 from tests.distributed.test_fsdp import DECAYS, STEPS, _data, _model, _step
 
@@ -47,6 +50,10 @@ def _sharded(world: int) -> tuple[torch.nn.Module, polyak.EMA]:
     return model, polyak.EMA(model, decay=DECAYS)
 
 
+def _no_space(handle: Any, chunk: memoryview) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def _save_and_load_run(rank: int, world: int, saved: str, plain: str) -> dict[str, Any]:
     model, ema = _sharded(world)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -79,6 +86,22 @@ def _save_and_load_run(rank: int, world: int, saved: str, plain: str) -> dict[st
     out = Path(saved).parent
     for name in ("sharded.safetensors", "sharded.pt"):
         polyak.save(out / name, ema, model=model, optimizer=opt)
+    # a failed write on rank 0 (full disk) raises there, and the other ranks finish their gathers
+    full_disk = out / "full-disk.safetensors"
+    original = _atomic._write_chunk
+    if rank == 0:
+        _atomic._write_chunk = _no_space  # type: ignore[assignment]
+    try:
+        if rank == 0:
+            with pytest.raises(OSError, match="No space left"):
+                polyak.save(full_disk, ema, model=model)
+        else:
+            polyak.save(full_disk, ema, model=model)
+    finally:
+        _atomic._write_chunk = original  # type: ignore[assignment]
+    assert not full_disk.exists()
+    dist.barrier()
+
     # polyak.load of a standard file into a sharded EMA: each rank takes its part, no collective
     _, from_file = _sharded(world)
     polyak.load(out / "plain.safetensors", from_file)

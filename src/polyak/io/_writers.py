@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -100,14 +100,16 @@ def _tensor_bytes(tensor: Tensor) -> memoryview:
     return host_buffer(tensor.detach().to("cpu").contiguous())
 
 
-def write_safetensors(handle: BinaryIO, layout: Layout) -> None:
+def write_safetensors(
+    handle: BinaryIO, layout: Layout, tensor_bytes: Callable[[Tensor], memoryview] = _tensor_bytes
+) -> None:
     """Stream the tensors one at a time after a placeholder header, hashing header and tensors as they
     go, then write the header again with the real checksum."""
     placeholder = _encode_header(layout.header)
     handle.write(placeholder)
     digest = hashlib.sha256(placeholder)
     for tensor in layout.tensors:
-        data = _tensor_bytes(tensor)
+        data = tensor_bytes(tensor)
         digest.update(data)
         write_chunked(handle, data)
     checksum = CHECKSUM_PREFIX + digest.hexdigest()
@@ -134,13 +136,30 @@ def save_safetensors_from_rank0(
     Every rank walks the tensors in file order and gathers each DTensor in turn; rank 0 streams them into
     the file, so it holds at most one full tensor beyond its shards."""
     layout = safetensors_layout(tensors, metadata)  # the same header (and errors) on every rank
-    if rank0:
-        with atomic_writer(path) as handle:
-            write_safetensors(handle, layout)
-    else:
+    if not rank0:
         for tensor in layout.tensors:
             if is_dtensor(tensor):
                 tensor.full_tensor()  # type: ignore[attr-defined]
+        return Path(path)
+    read = 0
+
+    def counted(tensor: Tensor) -> memoryview:
+        nonlocal read
+        if is_dtensor(tensor):
+            tensor = tensor.full_tensor()  # type: ignore[attr-defined]
+        read += 1  # this tensor's gather is done, whatever happens to its bytes
+        return _tensor_bytes(tensor)
+
+    try:
+        with atomic_writer(path) as handle:
+            write_safetensors(handle, layout, counted)
+    except BaseException:
+        # a failed write (full disk) on rank 0: still take part in the remaining gathers, so that the
+        # other ranks finish instead of waiting for rank 0 forever; then raise here
+        for tensor in layout.tensors[read:]:
+            if is_dtensor(tensor):
+                tensor.full_tensor()  # type: ignore[attr-defined]
+        raise
     return Path(path)
 
 
