@@ -60,8 +60,9 @@ class EMA:
     Args:
         model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied. With
             DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism, HSDP; build the EMA after
-            sharding) each rank keeps shadows of its own local shards only, and ``update()`` issues no
-            collective (see ``docs/distributed.md`` for which calls are collectives).
+            sharding; building it reshards FSDP2 modules, locally) each rank keeps shadows of its own
+            local shards only, and ``update()`` issues no collective (see ``docs/distributed.md`` for which
+            calls are collectives).
         decay: a float in [0, 1] (constant decay; 1 freezes the average), a schedule ``t -> beta_t`` from
             ``polyak.schedules``, or a sequence of those to keep several averages (``index=`` selects one).
             Default: ``schedules.DEFAULT_DECAY``, the power-function EMA ``(1 - 1/t) ** 17.97`` (EDM2, sigma_rel 0.05).
@@ -172,6 +173,7 @@ class EMA:
         self.skipped_updates = 0  # updates refused by nonfinite="skip" (and reported)
         self._applied = False
         self._hooks: list[Any] = []
+        _sharding.reshard(model)  # FSDP2 modules (local, no collective): average the shards, not gathered copies
         self._selected: list[Selected] = select(model, include=include, exclude=exclude, buffers=buffers)
         # DTensor parameters (FSDP2, tensor parallel, HSDP): every rank averages its local shards
         self._shards = _sharding.shards_of(self._selected)

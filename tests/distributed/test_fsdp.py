@@ -81,6 +81,9 @@ def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
         counts.append(_count_comms(ema.update))
     assert counts == [0] * STEPS, counts
     readers = [g.reader for g in ema._groups]
+    with torch.no_grad():  # built after a no_grad forward, which left the root's parameters unsharded
+        model(xs[0])
+    assert sorted(polyak.EMA(model)._shards.placements) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # type: ignore[union-attr]
     ema._check_model_unchanged()  # nothing re-pointed: readers kept (to_local() is a fresh view per call)
     assert [g.reader for g in ema._groups] == readers
     out: dict[str, Any] = {"shapes": shapes}
