@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from polyak._kernels import finite_on_host
 from polyak._select import normalize_key
-from polyak._sharding import is_dtensor
+from polyak._sharding import is_dtensor, is_sharded
 from polyak.ema import EMA
 from polyak.io import _readers, _tree, _writers, peers
 from polyak.io._atomic import check_writable_destination
@@ -120,7 +120,7 @@ def _any_dtensor(tree: Any) -> bool:
         return any(_any_dtensor(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):
         return any(_any_dtensor(v) for v in tree)
-    return is_dtensor(tree)
+    return is_sharded(tree)
 
 
 def _sharded_destination(path: str | os.PathLike[str], payload: Any) -> bool | None:
@@ -146,7 +146,7 @@ def _sharded_destination(path: str | os.PathLike[str], payload: Any) -> bool | N
 def _gathered(tree: Any, keep: bool) -> Any:
     """``tree`` with every DTensor gathered, in order, to a full CPU tensor (a collective); the other
     ranks (``keep=False``) only take part in the gathers."""
-    if is_dtensor(tree):
+    if is_sharded(tree):
         full = tree.full_tensor().cpu()
         return full if keep else None
     if isinstance(tree, Mapping):
