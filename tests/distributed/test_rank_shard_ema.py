@@ -156,6 +156,7 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
     # files: polyak.save writes one standard file from rank 0 (a collective); DCP writes every rank's ranges
     n, _ = _comms(lambda: polyak.save(f"{tmp}/ema.safetensors", sharded))
     out["save_collectives"] = n
+    polyak.save(f"{tmp}/ema.pt", sharded)  # the torch format: gathered into rank 0's memory first
     state = sharded.state_dict()
     out["state_types"] = {k for a in state["averages"] for k, v in a.items() if isinstance(v, FlatRangeShard)}
     dcp.save({"ema": sharded}, checkpoint_id=f"{tmp}/dcp")
@@ -246,15 +247,17 @@ def _check(results: list[dict[str, Any]], world: int) -> None:
 
 
 def _plain_ema_of_files(tmp: Path, states: list[dict[str, Any]]) -> None:
-    """World size 1, no process group: polyak.load of the file rank 0 wrote, and DCP's checkpoint of
+    """World size 1, no process group: polyak.load of the files rank 0 wrote, and DCP's checkpoint of
     every rank's ranges, each into a plain EMA: the replicated EMA's state, bit for bit. The buffers (whole
     on every rank, each rank's own BatchNorm statistics) are rank 0's in the file; DCP keeps one rank's
     copy of a tensor every rank holds whole."""
     file = polyak.EMA(_model(), decay=DECAYS)
     polyak.load(tmp / "ema.safetensors", file)
+    torch_file = polyak.EMA(_model(), decay=DECAYS)
+    polyak.load(tmp / "ema.pt", torch_file)
     checkpoint = polyak.EMA(_model(), decay=DECAYS)
     dcp.load({"ema": checkpoint}, checkpoint_id=str(tmp / "dcp"), no_dist=True)
-    for plain, exact in ((file, True), (checkpoint, False)):
+    for plain, exact in ((file, True), (torch_file, True), (checkpoint, False)):
         loaded, state = plain.state_dict(), states[0]
         assert (loaded["step"], loaded["products"], loaded["last_decays"]) == (
             state["step"],
