@@ -181,6 +181,18 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["skip_unchanged"] = all(
         torch.equal(a, b) for a, b in zip(before, (v for g in skipping._groups for v in g.flat))
     )
+    # the same with the verdict as a device flag (the CUDA path, forced on CPU): read at synchronize()
+    polyak.EMA._check_on_device = lambda self: True  # type: ignore[method-assign]  # this process only
+    with torch.no_grad():
+        model.head.bias.fill_(0.0)
+    flagged = polyak.EMA(ddp, decay=DECAYS, shard=True, nonfinite="skip")
+    before = [v.clone() for g in flagged._groups for v in g.flat]
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    n, _ = _comms(flagged.update)
+    flagged.synchronize()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, (v for g in flagged._groups for v in g.flat)))
+    out["skip_on_device"] = (flagged._device is not None, n, flagged.skipped_updates, unchanged)
     out["nan_on_this_rank"] = any(
         k == "head.bias" for g in skipping._groups for k, v in zip(g.keys, g.views[0]) if v.numel()
     )
@@ -232,6 +244,7 @@ def _check(results: list[dict[str, Any]], world: int) -> None:
         assert r["load_full"][1]
         assert r["skip"] == (0, 1, 1)
         assert r["skip_unchanged"]
+        assert r["skip_on_device"] == (True, 0, 1, True)
         assert "ema.module()" in r["module_error"]
         assert "flatten=True" in r["errors"]["flatten"]
         assert "capturable=True" in r["errors"]["capturable"]
