@@ -201,7 +201,8 @@ class EMA:
                 "are DTensors (FSDP2's fully_shard, tensor parallelism) whose storage FSDP owns; leave "
                 "flatten=False (each rank then averages its local shards)"
             )
-        self._watch = ModelWatch(model, self._selected, probe_all=self._shards is not None)
+        # FSDP2 swaps parameter slots; DDP's replicas (shard=...) stay put, so the usual probes suffice
+        self._watch = ModelWatch(model, self._selected, probe_all=self._shards is not None and not self._rank_layouts)
         self._groups: list[Group] = build_groups(
             self._selected,
             num_averages=len(self.schedules),
@@ -469,8 +470,7 @@ class EMA:
         if replicas is not None:  # replicated weights: every rank checks all of them, the same verdict
             live = [[replicas.get(k, src) for k, src in zip(g.keys, g.sources)] for g in self._groups]
             if self._device is not None:
-                flag = torch.stack([_kernels.all_finite(t).to(self._device.step.device) for t in live]).all()
-                return flag
+                return torch.stack([_kernels.all_finite(t).to(self._device.step.device) for t in live]).all()
             fine = [_kernels.finite_on_host(t) for t in live]
             if all(fine):
                 return True
@@ -666,7 +666,11 @@ class EMA:
         the block all-gathers the averaged weights; on exit it reshards again (a forward under no_grad
         leaves the root's unsharded, here averaged, weights in place) and restores the shards. Entering
         and leaving issue no collective; a forward inside the block is the usual FSDP2 collective that
-        every rank must make."""
+        every rank must make.
+
+        Split over the ranks (``shard=...``): entering is a collective every rank must make, one
+        all-gather per shadow group of the averaged columns into the whole live parameters (buffers are
+        written locally); leaving restores the training weights from a copy, with no collective."""
         index = self._check_index(index)
         if self._applied:
             raise RuntimeError("ema.apply() is already active; nested apply() blocks are not supported")
@@ -730,7 +734,9 @@ class EMA:
         shape and stride (no collective). ``full=True`` is a collective every rank must call: it gathers
         one tensor at a time and moves it to the CPU on rank 0, which gets the full state dict (the other
         ranks get an empty dict); rank 0 holds at most one full tensor beyond its shards on the
-        accelerator. Without sharding ``full`` changes nothing."""
+        accelerator. Split over the ranks (``shard=...``) the same, where each parameter's average is this
+        rank's flat range of it (a ``FlatRangeShard`` of the full shape) and each buffer's is whole.
+        Without sharding ``full`` changes nothing."""
         index = self._check_index(index)
         full = as_bool(full, "full")
         self._poll(block=True)
@@ -751,7 +757,8 @@ class EMA:
         """Write the averaged weights into ``model`` (same architecture; wrapper prefixes may differ).
 
         Everything is checked before anything is written: missing/unexpected keys and shape mismatches
-        raise a ValueError and leave ``model`` untouched.
+        raise a ValueError and leave ``model`` untouched. Split over the ranks (``shard=...``) this is a
+        collective every rank must make: one all-gather per shadow group, before the checks.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"copy_to expects a torch.nn.Module, got {type(model).__name__}")
@@ -775,7 +782,8 @@ class EMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step, decay products, and every shadow (fresh copies, normalised
-        keys, shadow dtype). Loadable with ``torch.load(weights_only=True)``."""
+        keys, shadow dtype). Loadable with ``torch.load(weights_only=True)``; a sharded EMA's averages are
+        DTensors or ``FlatRangeShard`` ranges (no collective), for ``torch.distributed.checkpoint``."""
         self._poll(block=True)
         self._check_model_unchanged()
         averages = [

@@ -93,8 +93,8 @@ def _encode_header(header: dict[str, Any]) -> bytes:
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes in C order on the host: a view where it is already a contiguous CPU tensor,
-    else one copy of this tensor only. A DTensor is gathered first (a collective, see
-    ``save_safetensors_from_rank0``)."""
+    else one copy of this tensor only. A sharded tensor (a DTensor, a rank-sharded range) is gathered
+    first (a collective, see ``save_safetensors_from_rank0``)."""
     if is_sharded(tensor):
         tensor = tensor.full_tensor()  # type: ignore[attr-defined]
     return host_buffer(tensor.detach().to("cpu").contiguous())
@@ -132,8 +132,8 @@ def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor]
 def save_safetensors_from_rank0(
     path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str], *, rank0: bool
 ) -> Path:
-    """``save_safetensors`` for tensors of which some are DTensors: a collective every rank must call.
-    Every rank walks the tensors in file order and gathers each DTensor in turn; rank 0 streams them into
+    """``save_safetensors`` for tensors of which some are sharded (``_sharding.is_sharded``): a collective
+    every rank must call. Every rank walks the tensors in file order and gathers each sharded one in turn; rank 0 streams them into
     the file, so it holds at most one full tensor beyond its shards."""
     layout = safetensors_layout(tensors, metadata)  # the same header (and errors) on every rank
     if not rank0:
