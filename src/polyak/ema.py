@@ -370,7 +370,8 @@ class EMA:
         return (
             f"EMA(decay=[{decays}], step={self.step}, averaged={len(self.averaged_keys)} tensors "
             f"({numel:,} elements), start_step={self.start_step}, update_every={self.update_every}, "
-            f"buffers={self.buffers!r}, debias={self.debias}{', capturable=True' if self.capturable else ''})"
+            f"buffers={self.buffers!r}, debias={self.debias}{', capturable=True' if self.capturable else ''}"
+            f"{f', shard over {self._rank_layouts[0].world} ranks' if self._rank_layouts else ''})"
         )
 
     def decays_at(self, t: int) -> tuple[float, ...]:

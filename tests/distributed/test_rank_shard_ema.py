@@ -106,6 +106,7 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["whole_batch_replicated"] = [plain.averaged_state_dict(k) for k in range(len(DECAYS))]
     model, ddp, replicated, sharded, counts = _trained(rank, world)
     out["update_collectives"] = counts
+    out["repr"] = repr(sharded)
     # memory: each group keeps this rank's torch.chunk columns of the parameters (and the buffers whole)
     out["columns"] = [
         (
@@ -224,6 +225,7 @@ def _check(results: list[dict[str, Any]], world: int) -> None:
     whole_batch = _single_process()
     for rank, r in enumerate(results):
         assert r["update_collectives"] == [0] * STEPS
+        assert r["repr"].endswith(f"shard over {world} ranks)")
         for local, full, in_buffer, k in r["columns"]:  # BatchNorm statistics stay whole on every rank
             c = math.ceil(full / world)
             assert local == in_buffer == max(0, min(c, full - rank * c))
