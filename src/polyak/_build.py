@@ -1,0 +1,197 @@
+"""Building an EMA: the arguments checked once into a frozen ``Config``, then the engine it runs.
+
+``configure`` validates every argument of ``EMA(...)`` that does not need the model and returns a
+``Config`` (the settings the facade stores, also the ``config`` of a saved state). ``build`` does the
+rest, in this order, before any shadow is written: reshard FSDP2 modules (local), select the tensors,
+choose the placement (``polyak._placement``), watch the model, allocate the shadow groups, initialise
+them (copy, or zero for ``debias``), plan each group's reader, put the counters where the flag is
+computed and, with ``flatten=True``, re-point the parameters into one buffer per group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from polyak import _kernels, _sharding
+from polyak._counters import Counters, DeviceCounters, Ledger
+from polyak._decide import check_tensor_forms, checked_decay, tensor_schedules
+from polyak._layout import Group, build_groups, check_one_device
+from polyak._placement import Whole, storage_of
+from polyak._readers import flatten_sources, plan_reader
+from polyak._select import BufferPolicy, Pattern, Selected, select
+from polyak._validate import as_bool, as_int
+from polyak._watch import ModelWatch
+from polyak.schedules import TensorSchedule, as_schedule
+
+__all__ = ["NONFINITE_POLICIES", "Config", "Engine", "build", "configure", "plan"]
+
+log = logging.getLogger("polyak")
+
+NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip", "ignore")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings of one EMA, validated (``configure``)."""
+
+    schedules: tuple[Callable[[int], float], ...]
+    tensor_schedules: tuple[TensorSchedule, ...]  # the tensor forms (capturable only)
+    start_step: int
+    update_every: int
+    buffers: BufferPolicy
+    dtype: torch.dtype | None
+    device: torch.device | None
+    debias: bool
+    nonfinite: Any  # NonFinitePolicy
+    flatten: bool
+    capturable: bool
+
+    @property
+    def num_averages(self) -> int:
+        return len(self.schedules)
+
+
+def configure(
+    decay: Any,
+    *,
+    start_step: Any,
+    update_every: Any,
+    buffers: BufferPolicy,
+    dtype: Any,
+    device: Any,
+    debias: Any,
+    nonfinite: Any,
+    flatten: Any,
+    capturable: Any,
+) -> Config:
+    """Every argument of ``EMA(...)`` but the model's checked (TypeError/ValueError naming it)."""
+    decays: Sequence[Any] = decay if isinstance(decay, (list, tuple)) else [decay]
+    if not decays:
+        raise ValueError("decay is an empty sequence; pass a float, a schedule, or a non-empty list")
+    schedules = tuple(as_schedule(d) for d in decays)
+    for i, schedule in enumerate(schedules):
+        checked_decay(schedule, 1, i)  # fail at construction, not at the first update
+    start_step = as_int(start_step, "start_step", minimum=0)
+    update_every = as_int(update_every, "update_every", minimum=1)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
+    debias = as_bool(debias, "debias")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    flatten = as_bool(flatten, "flatten")
+    capturable = as_bool(capturable, "capturable")
+    return Config(
+        schedules=schedules,
+        tensor_schedules=tensor_schedules(schedules, update_every) if capturable else (),
+        start_step=start_step,
+        update_every=update_every,
+        buffers=buffers,
+        dtype=dtype,
+        device=torch.device(device) if device is not None else None,
+        debias=debias,
+        nonfinite=nonfinite,
+        flatten=flatten,
+        capturable=capturable,
+    )
+
+
+@dataclass
+class Engine:
+    """What ``build`` made: the selection, the placement, the watch, the shadow groups, the counters."""
+
+    selected: list[Selected]
+    storage: Whole
+    watch: ModelWatch
+    groups: list[Group]
+    ledger: Ledger
+
+
+def plan(group: Group, config: Config) -> None:
+    """Choose ``group``'s reader (``polyak._readers.plan_reader``). With the check on the device (CUDA, or
+    capturable) the update is masked on the device, which needs a flat source."""
+    check = config.nonfinite != "ignore"
+    group.reader = plan_reader(
+        group.sources,
+        group.dtype,
+        group.device,
+        num_averages=config.num_averages,
+        check=check,
+        force_gather=(group.device.type == "cuda" or config.capturable) and check,
+        order=group.order,
+    )
+
+
+def counters_device(groups: Sequence[Group], config: Config) -> torch.device | None:
+    """Where the counters live: on the device that computes the finiteness flag (a CUDA group if any)
+    with ``capturable`` or a CUDA model under the check, where the host never reads the flag; else None
+    (on the host)."""
+    on_device = any(
+        g.device.type == "cuda" or (g.plan != "offload" and g.sources[0].device.type == "cuda") for g in groups
+    )
+    if not (config.capturable or (config.nonfinite != "ignore" and on_device)):
+        return None
+    places = [g.device for g in groups if g.device.type == "cuda"] + [g.device for g in groups]
+    return places[0] if places else torch.device("cpu")
+
+
+def build(
+    model: nn.Module,
+    config: Config,
+    *,
+    include: Pattern | Iterable[Pattern] | None,
+    exclude: Pattern | Iterable[Pattern] | None,
+    shard: Any,
+) -> Engine:
+    """The engine of an EMA over ``model`` (see the module docstring for the order of the steps)."""
+    _sharding.reshard(model)  # FSDP2 modules (local, no collective): average the shards, not gathered copies
+    selected = select(model, include=include, exclude=exclude, buffers=config.buffers)
+    storage = storage_of(
+        selected,
+        shard=shard,
+        dtype=config.dtype,
+        device=config.device,
+        flatten=config.flatten,
+        capturable=config.capturable,
+    )
+    watch = ModelWatch(model, selected, probe_all=storage.probe_all)
+    groups = build_groups(
+        selected, num_averages=config.num_averages, dtype=config.dtype, device=config.device, local=storage.locals
+    )
+    if config.capturable:
+        check_one_device(groups, config.device)
+        device = groups[0].device if groups else (config.device or torch.device("cpu"))
+        check_tensor_forms(config.tensor_schedules, device)
+    with torch.no_grad():
+        for group in groups:
+            if config.debias:
+                group.flat.zero_()
+            else:
+                for views in group.views:
+                    _kernels.copy_(views, group.sources)
+    for group in groups:
+        plan(group, config)
+    place = counters_device(groups, config)
+    ledger = Ledger(
+        Counters.fresh(config.num_averages),
+        None if place is None else DeviceCounters.create(place, config.num_averages),
+        config.capturable,
+    )
+    for group in groups if config.flatten else ():
+        reader = flatten_sources(group.sources, group.dtype, group.device, group.order)
+        if reader is None:
+            log.info(
+                "polyak: EMA(flatten=True) left %d tensor(s) of shadow group (%s, %s) as they are: "
+                "they differ in dtype/device or are not contiguous",
+                len(group.sources),
+                group.device,
+                group.dtype,
+            )
+        else:
+            group.reader = reader
+    return Engine(selected, storage, watch, groups, ledger)
