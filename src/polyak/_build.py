@@ -4,8 +4,9 @@
 ``Config`` (the settings the facade stores, also the ``config`` of a saved state). ``build`` does the
 rest, in this order, before any shadow is written: reshard FSDP2 modules (local), select the tensors,
 choose the placement (``polyak._placement``), watch the model, allocate the shadow groups, initialise
-them (copy, or zero for ``debias``), plan each group's reader, put the counters where the flag is
-computed and, with ``flatten=True``, re-point the parameters into one buffer per group.
+them (copy, or zero for ``debias``), plan each group's reader and, with ``flatten=True``, re-point the
+parameters into one buffer per group. ``ledger`` then puts the counters where the finiteness flag is
+computed (the facade asks ``flag_on_cuda`` through ``EMA._check_on_device``, which tests override).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from polyak._validate import as_bool, as_int
 from polyak._watch import ModelWatch
 from polyak.schedules import TensorSchedule, as_schedule
 
-__all__ = ["NONFINITE_POLICIES", "Config", "Engine", "build", "configure", "plan"]
+__all__ = ["NONFINITE_POLICIES", "Config", "Engine", "build", "configure", "flag_on_cuda", "ledger", "plan"]
 
 log = logging.getLogger("polyak")
 
@@ -103,13 +104,12 @@ def configure(
 
 @dataclass
 class Engine:
-    """What ``build`` made: the selection, the placement, the watch, the shadow groups, the counters."""
+    """What ``build`` made: the selection, the placement, the watch and the shadow groups."""
 
     selected: list[Selected]
     storage: Whole
     watch: ModelWatch
     groups: list[Group]
-    ledger: Ledger
 
 
 def plan(group: Group, config: Config) -> None:
@@ -127,17 +127,22 @@ def plan(group: Group, config: Config) -> None:
     )
 
 
-def counters_device(groups: Sequence[Group], config: Config) -> torch.device | None:
-    """Where the counters live: on the device that computes the finiteness flag (a CUDA group if any)
-    with ``capturable`` or a CUDA model under the check, where the host never reads the flag; else None
-    (on the host)."""
-    on_device = any(
-        g.device.type == "cuda" or (g.plan != "offload" and g.sources[0].device.type == "cuda") for g in groups
-    )
-    if not (config.capturable or (config.nonfinite != "ignore" and on_device)):
-        return None
+def flag_on_cuda(groups: Sequence[Group]) -> bool:
+    """True when the finiteness flag of an update is computed on a CUDA device (the host must not read it
+    during ``update()``)."""
+    return any(g.device.type == "cuda" or (g.plan != "offload" and g.sources[0].device.type == "cuda") for g in groups)
+
+
+def ledger(groups: Sequence[Group], config: Config, *, on_cuda: bool) -> Ledger:
+    """Fresh counters, where they live: on the device that computes the finiteness flag (a CUDA group if
+    any) with ``capturable``, or under the check when the flag is computed on CUDA (``on_cuda``,
+    ``flag_on_cuda``); else on the host."""
+    fresh = Counters.fresh(config.num_averages)
+    if not (config.capturable or (config.nonfinite != "ignore" and on_cuda)):
+        return Ledger(fresh, None, config.capturable)
     places = [g.device for g in groups if g.device.type == "cuda"] + [g.device for g in groups]
-    return places[0] if places else torch.device("cpu")
+    place = places[0] if places else torch.device("cpu")
+    return Ledger(fresh, DeviceCounters.create(place, config.num_averages), config.capturable)
 
 
 def build(
@@ -176,12 +181,6 @@ def build(
                     _kernels.copy_(views, group.sources)
     for group in groups:
         plan(group, config)
-    place = counters_device(groups, config)
-    ledger = Ledger(
-        Counters.fresh(config.num_averages),
-        None if place is None else DeviceCounters.create(place, config.num_averages),
-        config.capturable,
-    )
     for group in groups if config.flatten else ():
         reader = flatten_sources(group.sources, group.dtype, group.device, group.order)
         if reader is None:
@@ -194,4 +193,4 @@ def build(
             )
         else:
             group.reader = reader
-    return Engine(selected, storage, watch, groups, ledger)
+    return Engine(selected, storage, watch, groups)

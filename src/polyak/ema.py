@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from polyak import _kernels, _rank_shard, _sharding, _state
 from polyak._build import NONFINITE_POLICIES as NONFINITE_POLICIES  # the accepted nonfinite values
-from polyak._build import build, configure, plan
+from polyak._build import build, configure, flag_on_cuda, ledger, plan
 from polyak._counters import Counters, DeviceCounters
 from polyak._decide import Decision, TensorDecision, decay_product, decide, decide_tensor
 from polyak._layout import Group
@@ -179,7 +179,11 @@ class EMA:
         self._storage = engine.storage  # where the averages live across ranks (polyak._placement)
         self._watch = engine.watch
         self._groups: list[Group] = engine.groups
-        self._ledger = engine.ledger  # the counters, on the host or on the device (polyak._counters)
+        self._ledger = ledger(self._groups, config, on_cuda=self._check_on_device())  # host or device counters
+
+    def _check_on_device(self) -> bool:
+        """True when the finiteness flag lives on a CUDA device (read it later, never in update())."""
+        return flag_on_cuda(self._groups)
 
     @property
     def update_plans(self) -> list[tuple[str, str, str, int]]:
