@@ -1,6 +1,6 @@
 """Building an EMA: the arguments checked once into a frozen ``Config``, then the engine it runs.
 
-``configure`` validates every argument of ``EMA(...)`` that does not need the model and returns a
+``configure`` validates every argument of ``EMA(...)`` (of the model, only its type) and returns a
 ``Config`` (the settings the facade stores, also the ``config`` of a saved state). ``build`` does the
 rest, in this order, before any shadow is written: reshard FSDP2 modules (local), select the tensors,
 choose the placement (``polyak._placement``), watch the model, allocate the shadow groups, initialise
@@ -22,15 +22,16 @@ from torch import nn
 from polyak import _kernels, _sharding
 from polyak._counters import Counters, DeviceCounters, Ledger
 from polyak._decide import check_tensor_forms, checked_decay, tensor_schedules
+from polyak._engine import plan
 from polyak._layout import Group, build_groups, check_one_device
 from polyak._placement import Whole, storage_of
-from polyak._readers import flatten_sources, plan_reader
+from polyak._readers import flatten_sources
 from polyak._select import BufferPolicy, Pattern, Selected, select
 from polyak._validate import as_bool, as_int
 from polyak._watch import ModelWatch
 from polyak.schedules import TensorSchedule, as_schedule
 
-__all__ = ["NONFINITE_POLICIES", "Config", "Engine", "build", "configure", "flag_on_cuda", "ledger", "plan"]
+__all__ = ["NONFINITE_POLICIES", "Config", "Engine", "build", "configure", "flag_on_cuda", "ledger", "replan"]
 
 log = logging.getLogger("polyak")
 
@@ -59,6 +60,7 @@ class Config:
 
 
 def configure(
+    model: Any,
     decay: Any,
     *,
     start_step: Any,
@@ -71,7 +73,15 @@ def configure(
     flatten: Any,
     capturable: Any,
 ) -> Config:
-    """Every argument of ``EMA(...)`` but the model's checked (TypeError/ValueError naming it)."""
+    """Every argument of ``EMA(...)`` checked (a TypeError/ValueError naming it), the model's type only."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"EMA expects a torch.nn.Module, got {type(model).__name__}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "EMA was built inside torch.inference_mode(): its averages would be inference tensors, which "
+            "no later update() may change. Build the EMA outside the inference_mode() block (e.g. before "
+            "the training loop); use torch.no_grad() if you need to disable autograd"
+        )
     decays: Sequence[Any] = decay if isinstance(decay, (list, tuple)) else [decay]
     if not decays:
         raise ValueError("decay is an empty sequence; pass a float, a schedule, or a non-empty list")
@@ -112,19 +122,10 @@ class Engine:
     groups: list[Group]
 
 
-def plan(group: Group, config: Config) -> None:
-    """Choose ``group``'s reader (``polyak._readers.plan_reader``). With the check on the device (CUDA, or
-    capturable) the update is masked on the device, which needs a flat source."""
-    check = config.nonfinite != "ignore"
-    group.reader = plan_reader(
-        group.sources,
-        group.dtype,
-        group.device,
-        num_averages=config.num_averages,
-        check=check,
-        force_gather=(group.device.type == "cuda" or config.capturable) and check,
-        order=group.order,
-    )
+def replan(groups: Sequence[Group], config: Config) -> None:
+    """Choose each group's reader again (``polyak._engine.plan``) after its sources changed."""
+    for group in groups:
+        plan(group, num_averages=config.num_averages, nonfinite=config.nonfinite, capturable=config.capturable)
 
 
 def flag_on_cuda(groups: Sequence[Group]) -> bool:
@@ -179,8 +180,7 @@ def build(
             else:
                 for views in group.views:
                     _kernels.copy_(views, group.sources)
-    for group in groups:
-        plan(group, config)
+    replan(groups, config)
     for group in groups if config.flatten else ():
         reader = flatten_sources(group.sources, group.dtype, group.device, group.order)
         if reader is None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polyak import _rank_shard, _sharding
+from polyak import _kernels, _rank_shard, _sharding
 from polyak._layout import Group
 from polyak._select import Selected, copy_pairs
 
@@ -75,6 +75,24 @@ class Whole:
     ) -> list[tuple[Tensor, Tensor]]:
         """``(target, value)`` pairs of ``EMA.copy_to``, checked before anything is written."""
         return copy_pairs(selected, targets, averaged)
+
+    def swapped(self, groups: Sequence[Group], selected: Sequence[Selected]) -> list[Tensor]:
+        """The live tensors ``EMA.apply()`` backs up before ``write_``: every averaged source (split over
+        the ranks, the whole live parameters: the all-gather writes every element) and every buffer that
+        is not averaged (code inside the block, a train-mode forward or ``update_bn``, may change them)."""
+        replicas = self.replicas
+        live = list(replicas.values()) + [s for g in groups for k, s in zip(g.keys, g.sources) if k not in replicas]
+        return live + [s.tensor for s in selected if s.is_buffer and s.mode != "average"]
+
+    def write_(self, groups: Sequence[Group], averaged: Sequence[list[Tensor]]) -> None:
+        """Write each group's averaged values (model order) into the live tensors: what this rank holds
+        whole locally, then (split over the ranks) the ``replicas`` by one all-gather per shadow group."""
+        replicas = self.replicas
+        for group, values in zip(groups, averaged):
+            whole = [i for i, k in enumerate(group.keys) if k not in replicas]
+            _kernels.copy_([group.sources[i] for i in whole], [values[i] for i in whole])
+        if replicas:
+            self.gather_into({k: v for g, vs in zip(groups, averaged) for k, v in zip(g.keys, vs)}, replicas)
 
 
 class DTensorShards(Whole):
@@ -180,8 +198,3 @@ def storage_of(
             "flatten=False (each rank then averages its local shards)"
         )
     return Whole() if shards is None else DTensorShards(shards)
-
-
-def writable(groups: Sequence[Group], replicas: Mapping[str, Tensor]) -> list[list[int]]:
-    """Per group, the tensors this rank holds whole (all of them, unless split over the ranks)."""
-    return [[i for i, k in enumerate(g.keys) if k not in replicas] for g in groups]

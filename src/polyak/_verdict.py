@@ -11,7 +11,7 @@ returns how many to add to ``skipped_updates``, ``"raise"`` raises a ValueError 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from torch import Tensor
 from polyak import _kernels, _sharding
 from polyak._counters import refusal_message
 from polyak._layout import Group
+from polyak._placement import Whole
 
 __all__ = ["refuse", "verdict"]
 
@@ -28,19 +29,18 @@ log = logging.getLogger("polyak")
 def verdict(
     groups: Sequence[Group],
     sources: Sequence[Tensor | None],
-    *,
     nonfinite: str,
     flag_device: torch.device | None,
-    replicas: Mapping[str, Tensor],
-    agree: bool,
+    storage: Whole,
 ) -> bool | Tensor | list[str]:
     """The finiteness verdict of one update over every group's ``sources`` (``None``: per tensor).
 
-    ``flag_device``: where the device counters live (None: checked on the host). ``replicas``: the whole
-    live tensors of a rank-split EMA, which every rank checks (the same verdict, no collective). ``agree``:
-    one all-reduce of the verdict over the ranks (DTensor shards under ``"skip"``)."""
+    ``flag_device``: where the device counters live (None: checked on the host). ``storage.replicas``: the
+    whole live tensors of a rank-split EMA, which every rank checks (the same verdict, no collective);
+    ``storage.agrees``: one all-reduce of the verdict over the ranks (DTensor shards under ``"skip"``)."""
     if nonfinite == "ignore" or not groups:
         return True
+    replicas, agree = storage.replicas, storage.agrees(nonfinite)
     if replicas:  # replicated weights: every rank checks all of them, the same verdict
         live = [[replicas.get(k, src) for k, src in zip(g.keys, g.sources)] for g in groups]
         if flag_device is not None:

@@ -17,14 +17,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from polyak import _kernels, _rank_shard, _sharding, _state
+from polyak import _engine, _kernels, _state
 from polyak._build import NONFINITE_POLICIES as NONFINITE_POLICIES  # the accepted nonfinite values
-from polyak._build import build, configure, flag_on_cuda, ledger, plan
+from polyak._build import build, configure, flag_on_cuda, ledger, replan
 from polyak._counters import Counters, DeviceCounters
 from polyak._decide import Decision, TensorDecision, decay_product, decide, decide_tensor
 from polyak._layout import Group
-from polyak._module import averaged_module
-from polyak._placement import writable
+from polyak._module import averaged_module, check_shadows_shareable
 from polyak._select import BufferPolicy, Pattern, Selected, select
 from polyak._validate import as_bool, as_int
 from polyak._verdict import refuse, verdict
@@ -143,15 +142,8 @@ class EMA:
         capturable: bool = False,
         shard: bool | Any = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"EMA expects a torch.nn.Module, got {type(model).__name__}")
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "EMA was built inside torch.inference_mode(): its averages would be inference tensors, which "
-                "no later update() may change. Build the EMA outside the inference_mode() block (e.g. before "
-                "the training loop); use torch.no_grad() if you need to disable autograd"
-            )
         config = configure(
+            model,
             decay,
             start_step=start_step,
             update_every=update_every,
@@ -177,6 +169,7 @@ class EMA:
         engine = build(model, config, include=include, exclude=exclude, shard=shard)
         self._selected: list[Selected] = engine.selected
         self._storage = engine.storage  # where the averages live across ranks (polyak._placement)
+        self._shards = self._storage.shards  # DTensor shards or rank slices by key (polyak._sharding), or None
         self._watch = engine.watch
         self._groups: list[Group] = engine.groups
         self._ledger = ledger(self._groups, config, on_cuda=self._check_on_device())  # host or device counters
@@ -192,14 +185,6 @@ class EMA:
         return [(str(g.device), str(g.dtype), g.plan, len(g.sources)) for g in self._groups]
 
     # --- the engine's state, by the names the rest of the package reads ------------------------------------
-    @property
-    def _shards(self) -> _sharding.Shards | None:
-        return self._storage.shards
-
-    @property
-    def _rank_layouts(self) -> Sequence[_rank_shard.RankLayout]:
-        return self._storage.layouts
-
     @property
     def _counters(self) -> Counters:
         return self._ledger.host
@@ -287,55 +272,33 @@ class EMA:
             if not decision.active:
                 ledger.advance(decision, True)
                 return
-        weights: Sequence[float] | Tensor = decision.weights
         try:
             sources = self._read(compiling)
-            ok = verdict(
-                self._groups,
-                sources,
-                nonfinite=config.nonfinite,
-                flag_device=None if ledger.device is None else ledger.device.step.device,
-                replicas=self._storage.replicas,
-                agree=self._storage.agrees(config.nonfinite),
-            )
+            flag_device = None if ledger.device is None else ledger.device.step.device
+            ok = verdict(self._groups, sources, config.nonfinite, flag_device, self._storage)
             if isinstance(ok, list):  # refused on the host (the tensors named): no shadow is written
                 # "raise" raises here: the call is not counted
                 self.skipped_updates += refuse(config.nonfinite, ok, ledger.host.step + 1)
                 ledger.advance(decision, False)
                 return
-            for group, src in zip(self._groups, sources):
-                gok = ok.to(group.flat.device) if isinstance(ok, Tensor) else None
-                gweights = weights
-                if isinstance(weights, Tensor):
-                    gweights = weights.to(device=group.device, dtype=_kernels.lerp_weight_dtype(group.dtype))
-                _kernels.lerp_shadows_(
-                    group.views, group.flat, group.sources, src, gweights, gok, same_dtype=group.reader.same_dtype
-                )
+            _engine.lerp_(self._groups, sources, decision.weights, ok)
         except RuntimeError:
             self._watch.verify(strict_identity=False)  # raises a clear error if the model changed
             raise
         ledger.advance(decision, ok)
 
     def _read(self, compiling: bool) -> list[Tensor | None]:
-        """Every group's flat source (``_source``). Nothing is written before this returns, so a reader
-        that fails (a tensor moved to another device or shape since it was built) is replaced and read
-        once more, after the model walk has raised a clear error for a changed shape."""
+        """Every group's flat source (``_engine.read``). Nothing is written before this returns, so a
+        reader that fails (a tensor moved to another device or shape since it was built) is replaced and
+        read once more, after the model walk has raised a clear error for a changed shape."""
         try:
-            return [self._source(group, compiling) for group in self._groups]
+            return _engine.read(self._groups, compiling)
         except RuntimeError:
             rebound = self._storage.follow(self._watch.verify(strict_identity=False))
             for group in self._groups:
                 group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
-                plan(group, self._config)
-            return [self._source(group, compiling) for group in self._groups]
-
-    def _source(self, group: Group, compiling: bool) -> Tensor | None:
-        """The group's flat source (None: per-tensor). Under ``torch.compile`` (capturable), for real
-        floating sources on the shadow's device: a plain ``cat`` of the live tensors, which inductor fuses
-        into the lerp (no scratch copy, and no cached view left stale by a re-assigned parameter)."""
-        if compiling and all(s.is_floating_point() and s.device == group.device for s in group.sources):
-            return torch.cat([group.sources[i].detach().reshape(-1).to(group.dtype) for i in group.order])
-        return group.reader.read()
+            replan(self._groups, self._config)
+            return _engine.read(self._groups, compiling)
 
     def _poll(self, *, block: bool) -> None:
         """Act on refusals counted on the device that the host has not reported yet (``Ledger.unreported``)."""
@@ -346,24 +309,7 @@ class EMA:
     def _check_model_unchanged(self) -> None:
         """Follow the model: the watch (registrations, slots) and each reader (re-pointed sources)."""
         rebound = self._storage.follow(self._watch.check())  # sharded: the (maybe re-pointed) local shards
-        for group in self._groups:
-            if rebound:
-                group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
-            elif not group.reader.moved():
-                continue
-            for key, src, view in zip(group.keys, group.sources, group.views[0]):
-                if src.shape != view.shape:
-                    raise ValueError(
-                        f"the model changed after the EMA was built: {key!r} has shape {tuple(src.shape)}, "
-                        f"the average has {tuple(view.shape)}"
-                    )
-            if group.plan == "flat":
-                log.warning(
-                    "polyak: a tensor of an EMA(flatten=True) model was re-assigned (e.g. by model.to(), "
-                    ".half() or p.data = ...); it is no longer a view of the flat buffer, so this EMA now reads "
-                    "the tensors one by one (slower, same result)"
-                )
-            plan(group, self._config)
+        replan(_engine.follow(self._groups, rebound), self._config)
 
     def synchronize(self) -> None:
         """Wait for pending device-side finiteness checks and act on them (raise, or count and log skips).
@@ -435,18 +381,7 @@ class EMA:
         ``averaged_state_dict``). Moving the module (``.to()``, ``.half()``) detaches it from the EMA.
         """
         index = self._check_index(index)
-        if self._storage.module_refusal is not None:
-            raise ValueError(
-                f"ema.module() builds a module over the shadows, but this EMA averages {self._storage.module_refusal}"
-                ": each rank holds only its local part. Evaluate with `with ema.apply():` (the averaged weights "
-                "are gathered into the model), or get the full average with ema.averaged_state_dict(full=True) "
-                "and load it into a copy of the model"
-            )
-        if self.debias:
-            raise ValueError(
-                "ema.module() shares the shadow storage, but with debias=True the shadows are not the average "
-                "(it is shadow / (1 - prod(beta))); use ema.copy_to(model_copy) or ema.averaged_state_dict()"
-            )
+        check_shadows_shareable(self._storage.module_refusal, debias=self.debias)
         cache: dict[int, nn.Module] = self.__dict__.setdefault("_modules_by_index", {})
         if index not in cache:
             cache[index] = averaged_module(self.model, self._shadow_views(index), self._selected)
@@ -477,23 +412,12 @@ class EMA:
         self._storage.reshard(self.model)
         self._poll(block=True)
         self._check_model_unchanged()
-        # Back up the averaged tensors and every other buffer too: code inside the block (a forward pass
-        # in train mode, polyak.update_bn) may change BatchNorm statistics that are not averaged. Split
-        # over the ranks (shard=...), the whole live parameters: the all-gather writes every element.
-        replicas = self._storage.replicas
-        live = list(replicas.values()) + [
-            s for g in self._groups for k, s in zip(g.keys, g.sources) if k not in replicas
-        ]
-        live += [s.tensor for s in self._selected if s.is_buffer and s.mode != "average"]
+        live = self._storage.swapped(self._groups, self._selected)
         with torch.no_grad():
             backup = [t.detach().clone() for t in live]
             self._applied = True
             try:
-                for group, whole in zip(self._groups, writable(self._groups, replicas)):
-                    averaged = self._averaged_views(group, index)  # what this rank holds whole (all, unless split)
-                    _kernels.copy_([group.sources[i] for i in whole], [averaged[i] for i in whole])
-                if replicas:  # split over the ranks: one all-gather per shadow group
-                    self._storage.gather_into(self._averaged_by_key(index), replicas)
+                self._storage.write_(self._groups, [self._averaged_views(g, index) for g in self._groups])
             except BaseException:
                 self._restore(live, backup)
                 raise
@@ -578,19 +502,8 @@ class EMA:
         views = {
             key: [g.views[k][i] for k in range(self.num_averages)] for g in self._groups for i, key in enumerate(g.keys)
         }
-        plan = _state.plan_load(state, views, num_averages=self.num_averages, debias=self.debias)
-        self._warn_on_config_change(state.config)
-        _kernels.copy_([d for d, _ in plan], [v for _, v in plan])
+        writes = _state.plan_load(state, views, num_averages=self.num_averages, debias=self.debias)
+        _state.warn_on_config_change(state.config, _state.config_of(self._config))
+        _kernels.copy_([d for d, _ in writes], [v for _, v in writes])
         self.skipped_updates = state.skipped_updates
         self._ledger.set(step=state.step, products=tuple(state.products), last_decays=tuple(state.last_decays))
-
-    def _warn_on_config_change(self, saved: Mapping[str, Any]) -> None:
-        """Log (once per load) the settings that differ from the saved ones: the EMA keeps its own, as an
-        optimizer built with a new learning rate would, but a silent change of decay on resume is a
-        common mistake."""
-        changed = _state.config_changes(saved, _state.config_of(self._config))
-        if changed:
-            log.warning(
-                "polyak: loading an EMA state saved with other settings (%s); this EMA continues with its own",
-                "; ".join(changed),
-            )
