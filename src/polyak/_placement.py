@@ -24,13 +24,14 @@ from polyak import _kernels, _rank_shard, _sharding
 from polyak._layout import Group
 from polyak._select import Selected, copy_pairs
 
-__all__ = ["DTensorShards", "RankSplit", "Storage", "Whole", "storage_of"]
+__all__ = ["DTensorShards", "RankSplit", "Whole", "storage_of"]
 
 NO_REPLICAS: Mapping[str, Tensor] = {}
 
 
 class Whole:
-    """Every average whole on this process: the identity placement."""
+    """Every average whole on this process: the identity placement, and the interface the sharded kinds
+    override (the facade types its placement as ``Whole``)."""
 
     shards: _sharding.Shards | None = None
     layouts: Sequence[_rank_shard.RankLayout] = ()
@@ -101,11 +102,13 @@ class DTensorShards(Whole):
     probe_all = True
     module_refusal = "DTensor shards (FSDP2, tensor parallelism)"
 
+    shards: _sharding.Shards
+
     def __init__(self, shards: _sharding.Shards) -> None:
         self.shards = shards
 
     def follow(self, rebound: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.shards.follow(rebound)  # type: ignore[union-attr]
+        return self.shards.follow(rebound)
 
     def reshard(self, model: nn.Module) -> None:
         _sharding.reshard(model)
@@ -114,13 +117,13 @@ class DTensorShards(Whole):
         return nonfinite == "skip"
 
     def state_values(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.shards.wrap(values)  # type: ignore[union-attr]
+        return self.shards.wrap(values)
 
     def full(self, state: dict[str, Any]) -> dict[str, Any]:
         return dict(_sharding.full_items(state))
 
     def localize(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
-        return self.shards.localize(state)  # type: ignore[union-attr]
+        return self.shards.localize(state)
 
     def copy_pairs(
         self, selected: list[Selected], targets: list[Selected], averaged: dict[str, Tensor]
@@ -154,9 +157,6 @@ class RankSplit(DTensorShards):
         whole = {k: v.new_empty(replicas[k].shape) if k in replicas else v for k, v in averaged.items()}
         self.gather_into(averaged, whole)  # one all-gather per group, before the checks
         return copy_pairs(selected, targets, whole)
-
-
-Storage = Whole  # the interface: Whole's methods, overridden by the sharded kinds
 
 
 def storage_of(
