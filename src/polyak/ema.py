@@ -1,15 +1,16 @@
 """``EMA``: an exponential (or uniform) moving average of a model's weights, matched by name.
 
-A facade: it validates once, holds typed state and calls one engine for every mode (see
-``docs/architecture.md``): ``_watch`` (has the model changed?), ``_decide`` (what this call does),
-``_readers`` (the live weights of each shadow group), ``_kernels`` (the finiteness check and the one
-weighted-lerp family), ``_counters`` (the bookkeeping, on the host or on the device). The model is never
-deep-copied: shadows are flat buffers keyed by the model's normalised parameter names (``_layout``).
+A facade: it holds the typed state that ``_build`` made (a frozen ``Config``, the selection, the
+placement, the watch, the shadow groups, the counters) and calls one engine for every mode, in the order
+of ``docs/architecture.md``: ``_watch`` (has the model changed?), ``_decide`` (what this call does),
+``_engine`` (read each shadow group's live weights, lerp), ``_verdict`` (the finiteness check and the
+``nonfinite`` policy), ``_counters`` (the bookkeeping, on the host or on the device). Where the
+averages live across ranks is ``_placement``'s business, so no method branches on sharding. The model is
+never deep-copied: shadows are flat buffers keyed by the model's normalised parameter names (``_layout``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -30,8 +31,6 @@ from polyak._verdict import refuse, verdict
 from polyak.schedules import DEFAULT_DECAY
 
 __all__ = ["EMA", "NonFinitePolicy"]
-
-log = logging.getLogger("polyak")
 
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 STATE_FORMAT = _state.STATE_FORMAT
