@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -31,10 +31,21 @@ from polyak._validate import as_bool, as_int
 from polyak._watch import ModelWatch
 from polyak.schedules import TensorSchedule, as_schedule
 
-__all__ = ["NONFINITE_POLICIES", "Config", "Engine", "build", "configure", "flag_on_cuda", "ledger", "replan"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "Config",
+    "Engine",
+    "NonFinitePolicy",
+    "build",
+    "configure",
+    "flag_on_cuda",
+    "ledger",
+    "replan",
+]
 
 log = logging.getLogger("polyak")
 
+NonFinitePolicy = Literal["raise", "skip", "ignore"]
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip", "ignore")
 
 
@@ -50,7 +61,7 @@ class Config:
     dtype: torch.dtype | None
     device: torch.device | None
     debias: bool
-    nonfinite: Any  # NonFinitePolicy
+    nonfinite: NonFinitePolicy
     flatten: bool
     capturable: bool
 
@@ -106,13 +117,13 @@ def configure(
         dtype=dtype,
         device=torch.device(device) if device is not None else None,
         debias=debias,
-        nonfinite=nonfinite,
+        nonfinite=cast(NonFinitePolicy, nonfinite),
         flatten=flatten,
         capturable=capturable,
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Engine:
     """What ``build`` made: the selection, the placement, the watch and the shadow groups."""
 

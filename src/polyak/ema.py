@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from polyak import _engine, _kernels, _state
 from polyak._build import NONFINITE_POLICIES as NONFINITE_POLICIES  # the accepted nonfinite values
-from polyak._build import build, configure, flag_on_cuda, ledger, replan
+from polyak._build import NonFinitePolicy, build, configure, flag_on_cuda, ledger, replan
 from polyak._counters import Counters, DeviceCounters
 from polyak._decide import Decision, TensorDecision, decay_product, decide, decide_tensor
 from polyak._layout import Group
@@ -32,7 +32,6 @@ from polyak.schedules import DEFAULT_DECAY
 
 __all__ = ["EMA", "NonFinitePolicy"]
 
-NonFinitePolicy = Literal["raise", "skip", "ignore"]
 STATE_FORMAT = _state.STATE_FORMAT
 STATE_VERSION = _state.STATE_VERSION
 
@@ -161,7 +160,7 @@ class EMA:
         self.buffers: BufferPolicy = config.buffers
         self.dtype, self.device = config.dtype, config.device
         self.debias, self.flatten, self.capturable = config.debias, config.flatten, config.capturable
-        self.nonfinite: NonFinitePolicy = config.nonfinite
+        self.nonfinite = config.nonfinite
         self.model = model
         self.skipped_updates = 0  # updates refused by nonfinite="skip" (and reported)
         self._applied = False
