@@ -95,9 +95,10 @@ class GatherPerUpdate:
 
 def make_designs(rank: int, world: int, layers: int, width: int) -> tuple[dict[str, Any], dict[str, str]]:
     """Each design's ``(update, shadow_bytes)``, and the designs this polyak cannot build (name -> error)."""
-    import polyak
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    import polyak
 
     ddp = nn.parallel.DistributedDataParallel(build_model(layers, width))
     sharded = build_model(layers, width)
