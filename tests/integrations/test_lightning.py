@@ -210,7 +210,7 @@ def test_model_checkpoint_keeps_the_best_averaged_epoch(tmp_path: Path) -> None:
     model = Regressor()
     model.load_state_dict(stored["state_dict"])
     cb2 = EMACallback(decay=0.9)
-    cb2.setup(trainer(), model, "validate")
+    cb2.on_validation_start(trainer(), model)
     assert cb2.ema is not None
     cb2.ema.load_state_dict(stored["polyak_ema"]["ema"])
     with cb2.ema.apply():

@@ -110,14 +110,34 @@ class EMACallback(Callback):
         self._both_warm = False  # this validation epoch runs the averaged pass too
 
     # --- building and updating ---------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the EMA once the strategy has set the model up: after ``configure_model`` (where
+        ``ModelParallelStrategy`` users call ``fully_shard``, which replaces every parameter by a DTensor)
+        and after the move to the device. Lightning calls the callback's ``setup`` before both, so an EMA
+        built there would average the unsharded parameters that sharding then discards. ``trainer.validate``
+        / ``test`` / ``predict`` without ``fit`` build it at their start hook."""
         if not self.enabled or self.ema is not None:
             return
-        self.ema = build_ema(pl_module, self.decay, self.index, **self.ema_kwargs)
-        self._last_global_step = trainer.global_step
-        if self._pending_state is not None:
-            self._load(self._pending_state)
-            self._pending_state = None
+        with torch.inference_mode(False):  # test/predict hooks run in inference mode; the averages must not
+            self.ema = build_ema(pl_module, self.decay, self.index, **self.ema_kwargs)
+            self._last_global_step = trainer.global_step
+            if self._pending_state is not None:  # a checkpoint restored before the model was set up
+                self._load(self._pending_state)
+                self._pending_state = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._build(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._build(trainer, pl_module)  # trainer.validate() without fit
+        if self.ema is not None and self.validate_both and self.update_bn:
+            log.warning("polyak: update_bn is not applied with validate_both=True (statistics are per batch pass)")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._build(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._build(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -198,10 +218,6 @@ class EMACallback(Callback):
             pl_module.__dict__.pop("log", None)  # back to the class's log method
             self._both_warm = False
         self._swap_out()
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ema is not None and self.validate_both and self.update_bn:
-            log.warning("polyak: update_bn is not applied with validate_both=True (statistics are per batch pass)")
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(trainer, pl_module)
