@@ -7,16 +7,17 @@ Only public names of ``polyak`` are used here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from polyak._validate import as_int
 from polyak.ema import EMA, DecayLike
 
-__all__ = ["AveragedSwap", "build_ema", "check_index", "check_start", "is_warm"]
+__all__ = ["AveragedSwap", "build_ema", "check_index", "check_start", "is_sharded", "is_warm", "one_file_state"]
 
 
 def build_ema(model: nn.Module, decay: DecayLike | Sequence[DecayLike] | None, index: int, **ema_kwargs: Any) -> EMA:
@@ -44,6 +45,50 @@ def is_warm(ema: EMA | None, step: int, eval_start_step: int, epoch: int = 0, ev
     ``eval_start_step`` (optimizer steps) and ``eval_start_epoch``. Before that the live weights are
     evaluated (a cold average is mostly the initial weights)."""
     return ema is not None and ema.step > 0 and step >= eval_start_step and epoch >= eval_start_epoch
+
+
+def _is_dtensor(value: object) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: import nothing
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def is_sharded(state: Any) -> bool:
+    """Whether an EMA state (``ema.state_dict()``) holds DTensors: averages of a sharded model (FSDP2,
+    tensor parallelism), each rank holding its local shards."""
+    if isinstance(state, Mapping):
+        return any(is_sharded(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(is_sharded(v) for v in state)
+    return _is_dtensor(state)
+
+
+def one_file_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``ema.state_dict()`` made fit for a checkpoint that rank 0 alone writes (Lightning's, whatever its
+    strategy): every DTensor is gathered, one at a time, into a full CPU tensor on rank 0.
+
+    A collective for a sharded state: every rank must call it (the other ranks keep their shards, which
+    nobody writes). A state without DTensors is returned as it is. A full state loads into a sharded EMA
+    (each rank takes its part) and into a plain single-process one."""
+    if not is_sharded(state):
+        return state
+    import torch.distributed as dist
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+
+    def gather(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: gather(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [gather(v) for v in value]
+        if _is_dtensor(value):
+            full: Tensor = value.full_tensor()  # all-gather over the mesh
+            return full.cpu() if rank0 else value
+        return value
+
+    return {k: gather(v) for k, v in state.items()}
 
 
 class AveragedSwap:

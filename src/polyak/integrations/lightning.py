@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from polyak.bn import update_bn as _update_bn
 from polyak.ema import EMA, DecayLike
-from polyak.integrations._callback import AveragedSwap, build_ema, check_index, check_start, is_warm
+from polyak.integrations._callback import AveragedSwap, build_ema, check_index, check_start, is_warm, one_file_state
 
 __all__ = ["EMACallback"]
 
@@ -239,8 +239,9 @@ class EMACallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.ema is not None:
-            checkpoint[CHECKPOINT_KEY] = {"ema": self.ema.state_dict(), "last_global_step": self._last_global_step}
+        if self.ema is not None:  # sharded: every rank gathers, rank 0 writes the file
+            state = one_file_state(self.ema.state_dict())
+            checkpoint[CHECKPOINT_KEY] = {"ema": state, "last_global_step": self._last_global_step}
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -1,0 +1,210 @@
+"""The Lightning and Hugging Face callbacks on a model sharded by FSDP2 (gloo, CPU, 2 ranks), against one
+process that trains the same model on the whole batch.
+
+Lightning: a real ``Trainer`` with ``ModelParallelStrategy`` (``configure_model`` calls ``fully_shard``),
+run inside the ranks that ``run_world`` starts (Lightning sees ``LOCAL_RANK`` and an initialised process
+group, so it launches nothing). Hugging Face: accelerate enables FSDP only on accelerators (on a CPU its
+``Trainer`` silently falls back to DDP), so the test drives the callback's own event methods, in the order
+the ``Trainer`` calls them, around a training loop on an FSDP2 model: every engine call the callback makes
+(build, update, swap in/out, save, resume, copy at the end) runs under real sharding.
+
+The layers have 5 and 1 output features, so at world size 2 the shards are uneven (3 + 2 rows) and empty
+(1 + 0 rows).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.distributed.harness import requires_distributed, run_world
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import polyak  # noqa: E402
+
+WORLD = 2
+DECAY = 0.8
+STEPS_PER_EPOCH = 4  # 32 samples, a global batch of 8 (4 per rank)
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+
+
+def _dataset(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 6, generator=g), torch.randn(n, 1, generator=g))
+
+
+TRAIN, VAL = _dataset(32, 1), _dataset(16, 2)
+
+
+def _shard(net: nn.Sequential, mesh: Any) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (net[0], net[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
+def _full(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every DTensor of ``state`` gathered (a collective on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+@torch.no_grad()
+def _loss(net: nn.Module, data: TensorDataset) -> float:
+    x, y = data.tensors
+    return float(nn.functional.mse_loss(net(x), y))
+
+
+def _reference(epochs: int) -> list[dict[str, Any]]:
+    """One process, the whole batch: per epoch the averaged weights, the live and averaged val losses."""
+    net = _net()
+    ema = polyak.EMA(net, decay=DECAY)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    out = []
+    x, y = TRAIN.tensors
+    for _ in range(epochs):
+        for step in range(STEPS_PER_EPOCH):
+            batch = slice(8 * step, 8 * step + 8)
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x[batch]), y[batch]).backward()
+            opt.step()
+            ema.update()
+        raw = _loss(net, VAL)
+        with ema.apply():
+            averaged = _loss(net, VAL)
+        out.append({"averaged": ema.averaged_state_dict(), "raw_loss": raw, "averaged_loss": averaged})
+    return out
+
+
+def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], prefix: str = "") -> None:
+    assert sorted(got) == sorted(prefix + k for k in want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[prefix + key], value, rtol=0, atol=1e-6, msg=key)
+
+
+# --- Lightning: ModelParallelStrategy ----------------------------------------------------------------------
+class ShardedRegressor(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.net, FSDPModule):  # fit, then test: called once per stage
+            _shard(self.net, self.device_mesh["data_parallel"])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _loader(data: TensorDataset) -> DataLoader[Any]:
+    """This rank's half of every global batch of 8, in order (rank r: samples r, r + 2, ...)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, shuffle=False))
+
+
+def _trainer(callback: Any, epochs: int) -> Any:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
+        max_epochs=epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the samplers below split each global batch as the reference does
+    )
+
+
+def _lightning_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    from polyak.integrations.lightning import EMACallback
+
+    # the process group exists already: with these variables Lightning joins it and launches nothing
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), NODE_RANK="0")
+    out: dict[str, Any] = {}
+    loaders = _loader(TRAIN), _loader(VAL)
+
+    cb = EMACallback(decay=DECAY, validate_both=True)
+    module = ShardedRegressor()
+    trainer = _trainer(cb, epochs=1)
+    trainer.fit(module, *loaders)
+    assert cb.ema is not None
+    out["step"] = cb.ema.step
+    out["dtensors"] = all(isinstance(v, DTensor) for v in cb.ema.state_dict()["averages"][0].values())
+    out["val_loss"] = float(trainer.callback_metrics["val_loss"])
+    out["val_loss_ema"] = float(trainer.callback_metrics["val_loss_ema"])
+    live = _full(module.state_dict())
+    (result,) = trainer.test(module, loaders[1], verbose=False)
+    out["test_loss"] = result["test_loss"]
+    out["live_restored"] = all(torch.equal(v, live[k]) for k, v in _full(module.state_dict()).items())
+    trainer.save_checkpoint(os.path.join(folder, "ckpt"))  # distributed checkpoint: a directory
+    out["averaged_1"] = cb.ema.averaged_state_dict(full=True)
+
+    resumed_cb = EMACallback(decay=DECAY, save_averaged_at_end=True)
+    resumed = ShardedRegressor()
+    _trainer(resumed_cb, epochs=2).fit(resumed, *loaders, ckpt_path=os.path.join(folder, "ckpt"))
+    assert resumed_cb.ema is not None
+    out["resumed_step"] = resumed_cb.ema.step
+    out["averaged_2"] = resumed_cb.ema.averaged_state_dict(full=True)
+    out["model_2"] = _full(resumed.state_dict())  # save_averaged_at_end: the averages, copied shard by shard
+    return out
+
+
+@requires_distributed
+def test_lightning_model_parallel_strategy_averages_like_one_process(tmp_path: Path) -> None:
+    results = run_world(_lightning_rank, WORLD, tmp_path, str(tmp_path))
+    epoch1, epoch2 = _reference(epochs=2)
+    for r in results:
+        assert r["step"] == STEPS_PER_EPOCH and r["resumed_step"] == 2 * STEPS_PER_EPOCH
+        assert r["dtensors"]  # built after configure_model sharded the module
+        assert r["live_restored"]
+        # validate_both: the raw and the averaged weights, each equal to one process on the whole batch
+        assert r["val_loss"] == pytest.approx(epoch1["raw_loss"], abs=1e-6)
+        assert r["val_loss_ema"] == pytest.approx(epoch1["averaged_loss"], abs=1e-6)
+        assert r["test_loss"] == pytest.approx(epoch1["averaged_loss"], abs=1e-6)
+        _close(r["model_2"], epoch2["averaged"], prefix="net.")
+    assert abs(epoch1["raw_loss"] - epoch1["averaged_loss"]) > 1e-4  # the checks above can tell them apart
+    _close(results[0]["averaged_1"], epoch1["averaged"], prefix="net.")
+    _close(results[0]["averaged_2"], epoch2["averaged"], prefix="net.")  # resumed from the checkpoint
+    assert results[1]["averaged_1"] == {}  # full=True: rank 0 gets the full state
+
+    # the checkpoint holds the full average (written by rank 0): a plain single-process EMA loads it
+    meta = torch.load(tmp_path / "ckpt" / "meta.pt", weights_only=True)
+    plain = polyak.EMA(ShardedRegressor(), decay=DECAY)
+    plain.load_state_dict(meta["polyak_ema"]["ema"])
+    assert plain.step == STEPS_PER_EPOCH
+    _close(plain.averaged_state_dict(), epoch1["averaged"], prefix="net.")
