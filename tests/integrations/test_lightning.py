@@ -269,11 +269,12 @@ class LazyRegressor(Regressor):
 def test_the_ema_is_built_after_configure_model() -> None:
     """Fails on the callback that built the EMA in ``setup``: the module had no parameters yet."""
     eager_cb, lazy_cb = EMACallback(decay=0.8), EMACallback(decay=0.8)
-    eager, _ = fit([eager_cb], max_epochs=1)
+    _eager, _ = fit([eager_cb], max_epochs=1)
     lazy = LazyRegressor()
     t = trainer(callbacks=[lazy_cb], max_epochs=1)
     t.fit(lazy, *loaders())
-    assert eager_cb.ema is not None and lazy_cb.ema is not None
+    assert eager_cb.ema is not None
+    assert lazy_cb.ema is not None
     assert lazy_cb.ema.step == eager_cb.ema.step == 8
     want, got = eager_cb.ema.averaged_state_dict(), lazy_cb.ema.averaged_state_dict()
     assert sorted(want) == sorted(got)

@@ -189,7 +189,8 @@ def test_lightning_model_parallel_strategy_averages_like_one_process(tmp_path: P
     results = run_world(_lightning_rank, WORLD, tmp_path, str(tmp_path))
     epoch1, epoch2 = _reference(epochs=2)
     for r in results:
-        assert r["step"] == STEPS_PER_EPOCH and r["resumed_step"] == 2 * STEPS_PER_EPOCH
+        assert r["step"] == STEPS_PER_EPOCH
+        assert r["resumed_step"] == 2 * STEPS_PER_EPOCH
         assert r["dtensors"]  # built after configure_model sharded the module
         assert r["live_restored"]
         # validate_both: the raw and the averaged weights, each equal to one process on the whole batch
