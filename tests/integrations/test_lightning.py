@@ -269,7 +269,7 @@ class LazyRegressor(Regressor):
 def test_the_ema_is_built_after_configure_model() -> None:
     """Fails on the callback that built the EMA in ``setup``: the module had no parameters yet."""
     eager_cb, lazy_cb = EMACallback(decay=0.8), EMACallback(decay=0.8)
-    _eager, _ = fit([eager_cb], max_epochs=1)
+    fit([eager_cb], max_epochs=1)
     lazy = LazyRegressor()
     t = trainer(callbacks=[lazy_cb], max_epochs=1)
     t.fit(lazy, *loaders())

@@ -68,20 +68,20 @@ def _loss(net: nn.Module, data: TensorDataset) -> float:
     return float(nn.functional.mse_loss(net(x), y))
 
 
-def _reference(epochs: int) -> list[dict[str, Any]]:
-    """One process, the whole batch: per epoch the averaged weights, the live and averaged val losses."""
+def _reference(steps: int) -> list[dict[str, Any]]:
+    """One process, the whole batch: after each step, the averaged weights and the live and averaged val
+    losses (``[k - 1]`` is after step ``k``)."""
     net = _net()
     ema = polyak.EMA(net, decay=DECAY)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     out = []
     x, y = TRAIN.tensors
-    for _ in range(epochs):
-        for step in range(STEPS_PER_EPOCH):
-            batch = slice(8 * step, 8 * step + 8)
-            opt.zero_grad()
-            nn.functional.mse_loss(net(x[batch]), y[batch]).backward()
-            opt.step()
-            ema.update()
+    for step in range(steps):
+        batch = slice(8 * (step % STEPS_PER_EPOCH), 8 * (step % STEPS_PER_EPOCH) + 8)
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x[batch]), y[batch]).backward()
+        opt.step()
+        ema.update()
         raw = _loss(net, VAL)
         with ema.apply():
             averaged = _loss(net, VAL)
@@ -187,7 +187,8 @@ def _lightning_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
 @requires_distributed
 def test_lightning_model_parallel_strategy_averages_like_one_process(tmp_path: Path) -> None:
     results = run_world(_lightning_rank, WORLD, tmp_path, str(tmp_path))
-    epoch1, epoch2 = _reference(epochs=2)
+    reference = _reference(2 * STEPS_PER_EPOCH)
+    epoch1, epoch2 = reference[STEPS_PER_EPOCH - 1], reference[-1]
     for r in results:
         assert r["step"] == STEPS_PER_EPOCH
         assert r["resumed_step"] == 2 * STEPS_PER_EPOCH
@@ -209,3 +210,87 @@ def test_lightning_model_parallel_strategy_averages_like_one_process(tmp_path: P
     plain.load_state_dict(meta["polyak_ema"]["ema"])
     assert plain.step == STEPS_PER_EPOCH
     _close(plain.averaged_state_dict(), epoch1["averaged"], prefix="net.")
+
+
+# --- Hugging Face: the callback's events around an FSDP2 training loop ----------------------------------------
+def _hf_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+
+    from polyak.integrations.transformers import EMACallback
+    from tests.distributed.harness import mesh_1d
+
+    net = _net()
+    _shard(net, mesh_1d(world))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = TRAIN.tensors
+    shared = SimpleNamespace(output_dir=folder, load_best_model_at_end=False, should_save=rank == 0)
+    # as on a node that does not see rank 0's output directory (or sees it late): rank 0 decides
+    unseen = SimpleNamespace(output_dir=os.path.join(folder, "not-here"), load_best_model_at_end=False)
+    state, control = TrainerState(), TrainerControl()
+    out: dict[str, Any] = {}
+
+    def checkpoint_dir(step: int) -> None:  # the Trainer's save_model: rank 0 creates the directory
+        if rank == 0:
+            os.makedirs(os.path.join(folder, f"checkpoint-{step}"))
+        dist.barrier()
+
+    def steps(cb: Any, upto: int, evaluate_at: int = -1) -> None:
+        while state.global_step < upto:
+            cb.on_step_begin(shared, state, control)
+            opt.zero_grad()
+            i = 8 * (state.global_step % STEPS_PER_EPOCH) + rank
+            nn.functional.mse_loss(net(x[i : i + 8 : 2]), y[i : i + 8 : 2]).backward()  # this rank's half
+            opt.step()
+            state.global_step += 1
+            control.should_evaluate = state.global_step == evaluate_at
+            cb.on_step_end(shared, state, control, model=net)
+            if control.should_evaluate:  # the Trainer's evaluate(): the model's forward gathers the averages
+                out["eval_loss"] = _loss(net, VAL)
+                control.should_evaluate = False
+
+    cb = EMACallback(decay=DECAY)
+    cb.on_train_begin(shared, state, control, model=net)
+    steps(cb, upto=2)
+    checkpoint_dir(2)
+    cb.on_save(unseen if rank == 1 else shared, state, control)  # rank 1 still joins the gathers
+    steps(cb, upto=4, evaluate_at=4)
+    live = _full(net.state_dict())
+    checkpoint_dir(4)
+    cb.on_save(shared, state, control)  # swaps the live weights back first
+    out["live_restored"] = all(torch.equal(v, live[k]) for k, v in _full(net.state_dict()).items())
+    cb.on_train_end(shared, state, control, model=net)
+
+    resumed = EMACallback(decay=DECAY, swap_at_end=True)  # trainer.train(resume_from_checkpoint=...)
+    resumed.on_train_begin(shared, state, control, model=net)
+    assert resumed.ema is not None
+    out["resumed_step"] = resumed.ema.step
+    steps(resumed, upto=8)
+    resumed.on_train_end(shared, state, control, model=net)
+    out["step"] = resumed.ema.step
+    out["model"] = _full(net.state_dict())  # swap_at_end: the averages, copied shard by shard
+    return out
+
+
+@requires_distributed
+def test_hugging_face_callback_events_on_an_fsdp2_model_average_like_one_process(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from polyak.integrations.transformers import CHECKPOINT_FILE
+
+    results = run_world(_hf_rank, WORLD, tmp_path, str(tmp_path))
+    reference = _reference(2 * STEPS_PER_EPOCH)
+    assert abs(reference[3]["raw_loss"] - reference[3]["averaged_loss"]) > 1e-4
+    for r in results:
+        assert r["eval_loss"] == pytest.approx(reference[3]["averaged_loss"], abs=1e-6)  # evaluated averaged
+        assert r["live_restored"]
+        assert r["resumed_step"] == 4
+        assert r["step"] == 8
+        _close(r["model"], reference[-1]["averaged"])
+    assert not (tmp_path / "not-here").exists()
+    for step in (2, 4):  # one standard file each, written by rank 0, that a plain EMA loads
+        plain = polyak.EMA(_net(), decay=DECAY)
+        polyak.io.load(tmp_path / f"checkpoint-{step}" / CHECKPOINT_FILE, plain)
+        assert plain.step == step
+        _close(plain.averaged_state_dict(), reference[step - 1]["averaged"])

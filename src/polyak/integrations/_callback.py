@@ -17,7 +17,16 @@ from torch import Tensor, nn
 from polyak._validate import as_int
 from polyak.ema import EMA, DecayLike
 
-__all__ = ["AveragedSwap", "build_ema", "check_index", "check_start", "is_sharded", "is_warm", "one_file_state"]
+__all__ = [
+    "AveragedSwap",
+    "build_ema",
+    "check_index",
+    "check_start",
+    "is_sharded",
+    "is_warm",
+    "one_file_state",
+    "rank0_says",
+]
 
 
 def build_ema(model: nn.Module, decay: DecayLike | Sequence[DecayLike] | None, index: int, **ema_kwargs: Any) -> EMA:
@@ -89,6 +98,19 @@ def one_file_state(state: dict[str, Any]) -> dict[str, Any]:
         return value
 
     return {k: gather(v) for k, v in state.items()}
+
+
+def rank0_says(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (one broadcast that every rank must make; ``flag`` itself without a
+    process group). Used where the ranks must agree before a collective, e.g. on whether the checkpoint
+    directory that rank 0 writes into exists."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 class AveragedSwap:

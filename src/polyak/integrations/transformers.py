@@ -36,7 +36,15 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 import polyak.io
 from polyak.ema import EMA, DecayLike
-from polyak.integrations._callback import AveragedSwap, build_ema, check_index, check_start, is_warm
+from polyak.integrations._callback import (
+    AveragedSwap,
+    build_ema,
+    check_index,
+    check_start,
+    is_sharded,
+    is_warm,
+    rank0_says,
+)
 
 __all__ = ["CHECKPOINT_FILE", "EMACallback", "load_ema_state", "save_ema_state"]
 
@@ -47,13 +55,15 @@ CHECKPOINT_FILE = "polyak_ema.safetensors"
 
 def save_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
     """Write ``ema`` to ``path`` as a polyak safetensors checkpoint (``polyak.save``: atomic, fsynced,
-    with a sha256 of the tensor bytes; ``polyak inspect`` reads it)."""
+    with a sha256 of the tensor bytes; ``polyak inspect`` reads it). For an EMA of a sharded model (FSDP2)
+    this is a collective that every rank must call; rank 0 writes the one file."""
     polyak.io.save(path, ema, format="safetensors")
 
 
 def load_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
     """Restore a file written by :func:`save_ema_state` into ``ema`` (validated before anything changes;
-    no pickle)."""
+    no pickle). An EMA of a sharded model takes each rank's part of the full tensors: every rank reads the
+    file."""
     checkpoint = polyak.io.read(path)
     if checkpoint.kind != "polyak" or checkpoint.ema is None:
         raise ValueError(
@@ -192,14 +202,25 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         self._swap_out()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Write the EMA state next to the checkpoint. A sharded EMA (FSDP2) is saved by every rank together
+        (``polyak.save`` gathers one tensor at a time and rank 0 writes), after the ranks agree on rank 0's
+        view of the directory; a replicated one by the process that saves the checkpoint
+        (``args.should_save``)."""
         self._swap_out()  # never checkpoint averaged weights as the live ones
         if not self.enabled or not self.save_state or self.ema is None:
             return
+        ema_state = self.ema.state_dict()
+        sharded = is_sharded(ema_state)
+        if not sharded and not getattr(args, "should_save", True):
+            return
         directory = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
-        if not os.path.isdir(directory):
+        exists = os.path.isdir(directory)
+        if sharded:  # no rank may skip the gathers that rank 0 waits in
+            exists = rank0_says(exists)
+        if not exists:
             log.warning("polyak: checkpoint directory %s not found; EMA state not saved", directory)
             return
-        save_ema_state(self.ema, os.path.join(directory, CHECKPOINT_FILE))
+        polyak.io.save(os.path.join(directory, CHECKPOINT_FILE), ema_state, format="safetensors")
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
