@@ -7,7 +7,6 @@ Only public names of ``polyak`` are used here.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -56,30 +55,29 @@ def is_warm(ema: EMA | None, step: int, eval_start_step: int, epoch: int = 0, ev
     return ema is not None and ema.step > 0 and step >= eval_start_step and epoch >= eval_start_epoch
 
 
-def _is_dtensor(value: object) -> bool:
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: import nothing
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
+def _is_shard(value: object) -> bool:
+    """A rank's part of an averaged tensor: a DTensor (FSDP2, tensor parallelism) or a rank's slice of a
+    replicated average (``EMA(..., shard=True)``); both gather the whole with ``full_tensor()``."""
+    return isinstance(value, Tensor) and type(value) is not Tensor and callable(getattr(value, "full_tensor", None))
 
 
 def is_sharded(state: Any) -> bool:
-    """Whether an EMA state (``ema.state_dict()``) holds DTensors: averages of a sharded model (FSDP2,
-    tensor parallelism), each rank holding its local shards."""
+    """Whether an EMA state (``ema.state_dict()``) holds shards: each rank keeps its own part of the
+    averages, and gathering them is a collective."""
     if isinstance(state, Mapping):
         return any(is_sharded(v) for v in state.values())
     if isinstance(state, (list, tuple)):
         return any(is_sharded(v) for v in state)
-    return _is_dtensor(state)
+    return _is_shard(state)
 
 
 def one_file_state(state: dict[str, Any]) -> dict[str, Any]:
     """``ema.state_dict()`` made fit for a checkpoint that rank 0 alone writes (Lightning's, whatever its
-    strategy): every DTensor is gathered, one at a time, into a full CPU tensor on rank 0.
+    strategy): every shard is gathered (``full_tensor()``), one tensor at a time, into a full CPU tensor
+    on rank 0.
 
     A collective for a sharded state: every rank must call it (the other ranks keep their shards, which
-    nobody writes). A state without DTensors is returned as it is. A full state loads into a sharded EMA
+    nobody writes). A state without shards is returned as it is. A full state loads into a sharded EMA
     (each rank takes its part) and into a plain single-process one."""
     if not is_sharded(state):
         return state
@@ -92,8 +90,8 @@ def one_file_state(state: dict[str, Any]) -> dict[str, Any]:
             return {k: gather(v) for k, v in value.items()}
         if isinstance(value, list):
             return [gather(v) for v in value]
-        if _is_dtensor(value):
-            full: Tensor = value.full_tensor()  # all-gather over the mesh
+        if _is_shard(value):
+            full: Tensor = value.full_tensor()  # an all-gather
             return full.cpu() if rank0 else value
         return value
 
