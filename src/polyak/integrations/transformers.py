@@ -22,6 +22,13 @@ How it fits the Trainer's loop (transformers 4.x/5.x callback events):
   evaluated on the averaged weights (the Trainer fires ``on_evaluate`` after each one, with no event
   between the last one and the checkpoint save: the hook is what catches that save);
 - ``on_save`` writes the EMA state next to the Trainer's checkpoint files.
+
+Sharded models (FSDP2 through accelerate): the Trainer shards the model before ``on_train_begin``, so the
+EMA averages each rank's local shards with no collective. The Trainer fires every event on every rank;
+the events that communicate are the evaluation on the averaged weights (the model's own forward gathers
+them), ``on_save`` (``polyak.save`` gathers one tensor at a time and rank 0 writes one standard file;
+the ranks follow rank 0's view of the checkpoint directory) and, with ``swap_at_end``, nothing more
+(each rank copies its own averaged shards). On resume every rank reads the file and takes its part.
 """
 
 from __future__ import annotations
