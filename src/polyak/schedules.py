@@ -109,10 +109,8 @@ def _check_decay(value: float, what: str) -> float:
 
 
 def _check_positive(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a positive number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (value > 0.0 and math.isfinite(value)):
+    value = as_float(value, what)  # numpy scalars too; bools and tensors refused
+    if not value > 0.0:
         raise ValueError(f"{what} must be a positive finite number, got {value!r}")
     return value
 
@@ -120,6 +118,23 @@ def _check_positive(value: float, what: str) -> float:
 def _check_step(t: int) -> None:
     if t < 1:
         raise ValueError(f"schedules are defined for t >= 1 (the 1-based averaging step), got t={t}")
+
+
+def _normalise(
+    schedule: object,
+    *,
+    counts: tuple[str, ...] = (),
+    decays: tuple[str, ...] = (),
+    positives: tuple[str, ...] = (),
+) -> None:
+    """Check and normalise a frozen schedule's fields in place, each named in its error: ``counts`` are
+    integers >= 1, ``decays`` numbers in [0, 1], ``positives`` positive finite numbers."""
+    for name in counts:
+        object.__setattr__(schedule, name, as_int(getattr(schedule, name), name, minimum=1))
+    for name in decays:
+        object.__setattr__(schedule, name, _check_decay(getattr(schedule, name), name))
+    for name in positives:
+        object.__setattr__(schedule, name, _check_positive(getattr(schedule, name), name))
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,7 @@ class constant:
     decay: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "decay", _check_decay(self.decay, "decay"))
+        _normalise(self, decays=("decay",))
 
     def __call__(self, t: int, /) -> float:
         return self.decay
@@ -153,8 +168,7 @@ class ultralytics:
     tau: float = 2000.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "decay", _check_decay(self.decay, "decay"))
-        object.__setattr__(self, "tau", _check_positive(self.tau, "tau"))
+        _normalise(self, decays=("decay",), positives=("tau",))
 
     def __call__(self, t: int, /) -> float:
         _check_step(t)
@@ -179,7 +193,7 @@ class num_updates:
     decay: float = 0.9999
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "decay", _check_decay(self.decay, "decay"))
+        _normalise(self, decays=("decay",))
 
     def __call__(self, t: int, /) -> float:
         _check_step(t)
@@ -207,10 +221,7 @@ class inverse_gamma:
     min_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "max_decay", _check_decay(self.max_decay, "max_decay"))
-        object.__setattr__(self, "min_decay", _check_decay(self.min_decay, "min_decay"))
-        object.__setattr__(self, "inv_gamma", _check_positive(self.inv_gamma, "inv_gamma"))
-        object.__setattr__(self, "power", _check_positive(self.power, "power"))
+        _normalise(self, decays=("max_decay", "min_decay"), positives=("inv_gamma", "power"))
         if self.min_decay > self.max_decay:
             raise ValueError(f"min_decay={self.min_decay} must not exceed max_decay={self.max_decay}")
 
@@ -237,7 +248,7 @@ class half_life:
     steps: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "steps", _check_positive(self.steps, "steps"))
+        _normalise(self, positives=("steps",))
 
     def __call__(self, t: int, /) -> float:
         return float(0.5 ** (1.0 / self.steps))
@@ -311,9 +322,7 @@ class dino:
     final: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "total_steps", as_int(self.total_steps, "total_steps", minimum=1))
-        object.__setattr__(self, "base", _check_decay(self.base, "base"))
-        object.__setattr__(self, "final", _check_decay(self.final, "final"))
+        _normalise(self, counts=("total_steps",), decays=("base", "final"))
 
     def __call__(self, t: int, /) -> float:
         _check_step(t)
@@ -340,9 +349,7 @@ class dinov2:
     final: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "total_steps", as_int(self.total_steps, "total_steps", minimum=1))
-        object.__setattr__(self, "base", _check_decay(self.base, "base"))
-        object.__setattr__(self, "final", _check_decay(self.final, "final"))
+        _normalise(self, counts=("total_steps",), decays=("base", "final"))
 
     def __call__(self, t: int, /) -> float:
         _check_step(t)
@@ -377,10 +384,7 @@ class lightly_cosine:
     steps_per_epoch: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "max_steps", as_int(self.max_steps, "max_steps", minimum=1))
-        object.__setattr__(self, "start", _check_decay(self.start, "start"))
-        object.__setattr__(self, "end", _check_decay(self.end, "end"))
-        object.__setattr__(self, "steps_per_epoch", as_int(self.steps_per_epoch, "steps_per_epoch", minimum=1))
+        _normalise(self, counts=("max_steps", "steps_per_epoch"), decays=("start", "end"))
 
     def __call__(self, t: int, /) -> float:
         _check_step(t)
@@ -415,9 +419,7 @@ class moco_v3:
     base: float = 0.99
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "epochs", as_int(self.epochs, "epochs", minimum=1))
-        object.__setattr__(self, "steps_per_epoch", as_int(self.steps_per_epoch, "steps_per_epoch", minimum=1))
-        object.__setattr__(self, "base", _check_decay(self.base, "base"))
+        _normalise(self, counts=("epochs", "steps_per_epoch"), decays=("base",))
 
     def __call__(self, t: int, /) -> float:
         _check_step(t)
@@ -453,11 +455,7 @@ class ijepa:
     ipe_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "steps_per_epoch", as_int(self.steps_per_epoch, "steps_per_epoch", minimum=1))
-        object.__setattr__(self, "epochs", as_int(self.epochs, "epochs", minimum=1))
-        object.__setattr__(self, "start", _check_decay(self.start, "start"))
-        object.__setattr__(self, "end", _check_decay(self.end, "end"))
-        object.__setattr__(self, "ipe_scale", _check_positive(self.ipe_scale, "ipe_scale"))
+        _normalise(self, counts=("steps_per_epoch", "epochs"), decays=("start", "end"), positives=("ipe_scale",))
 
     @property
     def _span(self) -> float:
@@ -490,7 +488,7 @@ class mean_teacher:
     alpha: float = 0.999
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "alpha", _check_decay(self.alpha, "alpha"))
+        _normalise(self, decays=("alpha",))
 
     def __call__(self, t: int, /) -> float:
         _check_step(t)

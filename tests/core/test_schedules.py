@@ -139,3 +139,24 @@ def test_power_function_accepts_a_numpy_gamma_like_every_schedule_argument() -> 
     assert schedules.power_function(np.float32(6.94)) == schedules.power_function(float(np.float32(6.94)))
     with pytest.raises(TypeError, match="gamma must be a real number"):
         schedules.power_function(True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda v: schedules.ultralytics(tau=v), "tau"),
+        (lambda v: schedules.inverse_gamma(inv_gamma=v), "inv_gamma"),
+        (lambda v: schedules.inverse_gamma(power=v), "power"),
+        (lambda v: schedules.half_life(v), "steps"),
+        (lambda v: schedules.ijepa(10, 2, ipe_scale=v), "ipe_scale"),
+    ],
+)
+def test_positive_arguments_take_numpy_scalars_and_refuse_bools_by_name(build, name) -> None:
+    import numpy as np
+
+    assert build(np.float32(2.5)) == build(2.5)  # np.float32 is no float subclass
+    with pytest.raises(TypeError, match=f"{name} must be a real number"):
+        build(True)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=name):
+            build(bad)
