@@ -14,6 +14,7 @@ lists ``keys``/``sources``/``views[k]`` stay in model order; ``order`` is the ro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -74,13 +75,18 @@ def build_groups(
     num_averages: int,
     dtype: torch.dtype | None,
     device: torch.device | None,
+    local: Mapping[str, Tensor] | None = None,
 ) -> list[Group]:
-    """Allocate one ``(K, N)`` buffer per (device, dtype) and carve a view per averaged tensor."""
+    """Allocate one ``(K, N)`` buffer per (device, dtype) and carve a view per averaged tensor.
+
+    ``local`` maps the key of a sharded tensor to this rank's part of it (``polyak._sharding``): its
+    shadow and its source are the local part."""
+    local = local or {}
     by_group: dict[tuple[torch.device, torch.dtype], list[Selected]] = {}
     for s in selected:
         if s.mode != "average":
             continue
-        src = s.tensor
+        src = local.get(s.key, s.tensor)
         sdtype = shadow_dtype(src.dtype, dtype)
         if src.is_complex() and not sdtype.is_complex:
             sdtype = src.dtype
@@ -89,11 +95,11 @@ def build_groups(
 
     groups: list[Group] = []
     for (gdev, gdtype), members in by_group.items():
-        total = sum(m.tensor.numel() for m in members)
+        sources = [local.get(m.key, m.tensor) for m in members]
+        total = sum(t.numel() for t in sources)
         flat = torch.empty((num_averages, total), dtype=gdtype, device=gdev)
-        if gdev.type == "cpu" and any(m.tensor.device.type == "cuda" for m in members):
+        if gdev.type == "cpu" and any(t.device.type == "cuda" for t in sources):
             flat = flat.pin_memory()
-        sources = [m.tensor for m in members]
         group = Group(
             gdev, gdtype, [m.key for m in members], sources, flat, reader=ForeachReader(sources, gdtype, gdev)
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -190,24 +189,6 @@ def select(
             )
         raise ValueError("include/exclude left no parameter to average; loosen the patterns")
     return selected
-
-
-def refuse_sharded(selected: list[Selected]) -> None:
-    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) hold one shard per rank behind a
-    global shape: averaging them needs each rank to average its own shard, which is not built yet. Say
-    so, instead of failing later inside a foreach kernel with 'mixed torch.Tensor and DTensor'."""
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: nothing to import or check
-        return
-    from torch.distributed.tensor import DTensor
-
-    sharded = [s.key for s in selected if s.mode == "average" and isinstance(s.tensor, DTensor)]
-    if sharded:
-        raise ValueError(
-            f"{len(sharded)} tensor(s) of the model are DTensors (sharded by FSDP2's fully_shard or tensor "
-            f"parallelism), e.g. {sharded[:3]}; polyak cannot average sharded parameters yet. Use DDP "
-            "(supported: every rank averages the full model), or include=/exclude= to average only the "
-            "tensors that are not sharded"
-        )
 
 
 def copy_pairs(

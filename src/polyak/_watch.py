@@ -23,6 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from polyak._select import Selected, select
+from polyak._sharding import replaced_message
 
 __all__ = ["ModelWatch"]
 
@@ -66,6 +67,7 @@ class ModelWatch:
 
     model: nn.Module
     selected: list[Selected]
+    probe_all: bool = False  # compare every averaged parameter slot (sharded models: FSDP2 swaps any of them)
     generation: int = -1
     buffer_slots: list[Slot] = field(default_factory=list)
     param_probes: list[Slot] = field(default_factory=list)
@@ -83,7 +85,9 @@ class ModelWatch:
         self.buffer_slots = _slots(self.model, "_buffers", {id(s.tensor) for s in self.selected if s.is_buffer})
         wanted = {id(s.tensor) for s in self.selected if not s.is_buffer and s.mode == "average"}
         probes = _slots(self.model, "_parameters", wanted)
-        self.param_probes = probes if len(probes) <= 3 else [probes[0], probes[len(probes) // 2], probes[-1]]
+        self.param_probes = (
+            probes if len(probes) <= 3 or self.probe_all else [probes[0], probes[len(probes) // 2], probes[-1]]
+        )
         slots = self.buffer_slots + self.param_probes
         self._tables = [d for d, _, _ in slots]
         self._names = [n for _, n, _ in slots]
@@ -127,6 +131,9 @@ class ModelWatch:
                     f"the average has {old.shape}"
                 )
             if new is not old.tensor:
+                specific = None if old.is_buffer or old.mode != "average" else replaced_message(key, old.tensor, new)
+                if specific is not None:  # FSDP2's sharded <-> unsharded parameters, whatever strict_identity
+                    raise ValueError(specific)
                 if not old.is_buffer and strict_identity and old.mode == "average":
                     raise ValueError(
                         f"the model changed after the EMA was built: parameter {key!r} was replaced by a new "

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from polyak import _kernels, _state
+from polyak import _kernels, _sharding, _state
 from polyak._counters import Counters, DeviceCounters, advance, refusal_message
 from polyak._decide import (
     Decision,
@@ -33,7 +33,7 @@ from polyak._decide import (
 from polyak._layout import Group, build_groups, check_one_device
 from polyak._module import averaged_module
 from polyak._readers import flatten_sources, plan_reader
-from polyak._select import BufferPolicy, Pattern, Selected, copy_pairs, refuse_sharded, select
+from polyak._select import BufferPolicy, Pattern, Selected, copy_pairs, select
 from polyak._validate import as_bool, as_int
 from polyak._watch import ModelWatch
 from polyak.schedules import DEFAULT_DECAY, as_schedule
@@ -58,7 +58,11 @@ class EMA:
         shadow <- beta_t * shadow + (1 - beta_t) * weight          (computed as shadow.lerp_(weight, 1 - beta_t))
 
     Args:
-        model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied.
+        model: the live model (plain, DDP/DataParallel-wrapped or ``torch.compile``d); never copied. With
+            DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism, HSDP; build the EMA after
+            sharding; building it reshards FSDP2 modules, locally) each rank keeps shadows of its own
+            local shards only, and ``update()`` issues no collective (see ``docs/distributed.md`` for which
+            calls are collectives).
         decay: a float in [0, 1] (constant decay; 1 freezes the average), a schedule ``t -> beta_t`` from
             ``polyak.schedules``, or a sequence of those to keep several averages (``index=`` selects one).
             Default: ``schedules.DEFAULT_DECAY``, the power-function EMA ``(1 - 1/t) ** 17.97`` (EDM2, sigma_rel 0.05).
@@ -85,7 +89,12 @@ class EMA:
             CUDA the update never waits for the device: the flag masks the update on the device, the
             counters live there, and the error or the skip count happen at the next point where the host
             looks: the next ``update()`` whose copy of the count has landed, or ``apply``/``copy_to``/
-            ``averaged_state_dict``/``state_dict``/``synchronize()``, which wait for it.
+            ``averaged_state_dict``/``state_dict``/``synchronize()``, which wait for it. With sharded
+            (DTensor) parameters ``"skip"`` makes every update one collective: an all-reduce of the
+            finiteness flag over the default process group, so that every rank skips the same updates
+            (a NaN seen by one rank would otherwise leave the shards of an average from different
+            steps); ``"raise"`` (only the rank that sees the NaN raises) and ``"ignore"`` communicate
+            nothing.
         flatten: opt-in speed-up for models with many small tensors: make the model's averaged tensors
             views into one contiguous buffer per (device, dtype), laid out like the shadows, so an update
             is one flat ``lerp_`` per average with no gather (as FSDP/DeepSpeed flat parameters do).
@@ -93,7 +102,8 @@ class EMA:
             after keeps working; build the EMA before ``torch.compile``, DDP/FSDP wrapping, or anything
             that records parameter addresses (CUDA graphs). If a parameter is later re-assigned
             (``model.half()``, ``p.data = ...``) the next update notices (one read of the buffer's storage
-            use count per update), logs a warning and falls back to the default path.
+            use count per update), logs a warning and falls back to the default path. Refused (ValueError)
+            for DTensor parameters, whose storage FSDP owns.
         capturable: opt-in (named after ``torch.optim``'s ``capturable=True``): the counters live as
             tensors on the shadow device and ``update()`` runs the same tensor ops on every call, with no
             host read and no Python branch on the step, so a CUDA graph can capture it and
@@ -163,11 +173,23 @@ class EMA:
         self.skipped_updates = 0  # updates refused by nonfinite="skip" (and reported)
         self._applied = False
         self._hooks: list[Any] = []
+        _sharding.reshard(model)  # FSDP2 modules (local, no collective): average the shards, not gathered copies
         self._selected: list[Selected] = select(model, include=include, exclude=exclude, buffers=buffers)
-        refuse_sharded(self._selected)
-        self._watch = ModelWatch(model, self._selected)
+        # DTensor parameters (FSDP2, tensor parallel, HSDP): every rank averages its local shards
+        self._shards = _sharding.shards_of(self._selected)
+        if self._shards is not None and self.flatten:
+            raise ValueError(
+                "EMA(flatten=True) re-points the model's parameters into one buffer, but this model's parameters "
+                "are DTensors (FSDP2's fully_shard, tensor parallelism) whose storage FSDP owns; leave "
+                "flatten=False (each rank then averages its local shards)"
+            )
+        self._watch = ModelWatch(model, self._selected, probe_all=self._shards is not None)
         self._groups: list[Group] = build_groups(
-            self._selected, num_averages=len(self.schedules), dtype=dtype, device=self.device
+            self._selected,
+            num_averages=len(self.schedules),
+            dtype=dtype,
+            device=self.device,
+            local=None if self._shards is None else self._shards.locals,
         )
         # The bookkeeping: host numbers; with counters on the device (capturable, or a CUDA model with the
         # NaN check) the device holds the truth and the host copy is refreshed by _poll.
@@ -382,6 +404,8 @@ class EMA:
             return [self._source(group, compiling) for group in self._groups]
         except RuntimeError:
             rebound = self._watch.verify(strict_identity=False)
+            if self._shards is not None:
+                rebound = self._shards.follow(rebound)
             for group in self._groups:
                 group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
                 self._plan(group)
@@ -406,11 +430,22 @@ class EMA:
                 for g, src in zip(self._groups, sources)
             ]
             device = self._device.step.device
-            return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
+            flag = torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
+            return _sharding.agree(flag, device) if self._agrees else flag
         fine = [_kernels.finite_on_host(g.sources if src is None else [src]) for g, src in zip(self._groups, sources)]
-        if all(fine):
+        ok = all(fine)
+        if self._agrees:  # every rank makes the one all-reduce
+            ok = bool(_sharding.agree(ok, torch.device("cpu")))
+        if ok:
             return True
-        return [g.keys[i] for g, f in zip(self._groups, fine) if not f for i in _kernels.nonfinite_indices(g.sources)]
+        bad = [g.keys[i] for g, f in zip(self._groups, fine) if not f for i in _kernels.nonfinite_indices(g.sources)]
+        return bad or ["(a shard on another rank)"]
+
+    @property
+    def _agrees(self) -> bool:
+        """Sharded and ``nonfinite="skip"``: the ranks agree on each update's verdict (one all-reduce),
+        so the shards of an average are refused together."""
+        return self._shards is not None and self.nonfinite == "skip"
 
     def _refuse(self, bad: list[str] | None, step: int, count: int = 1) -> bool:
         """Apply the policy to ``count`` refused updates (the last at ``step``; ``bad`` names the tensors,
@@ -451,6 +486,8 @@ class EMA:
     def _check_model_unchanged(self) -> None:
         """Follow the model: the watch (registrations, slots) and each reader (re-pointed sources)."""
         rebound = self._watch.check()
+        if self._shards is not None:  # sharded tensors: the engine reads their (maybe re-pointed) local shards
+            rebound = self._shards.follow(rebound)
         for group in self._groups:
             if rebound:
                 group.sources = [rebound.get(k, src) for k, src in zip(group.keys, group.sources)]
@@ -540,6 +577,13 @@ class EMA:
         ``averaged_state_dict``). Moving the module (``.to()``, ``.half()``) detaches it from the EMA.
         """
         index = self._check_index(index)
+        if self._shards is not None:
+            raise ValueError(
+                "ema.module() builds a module over the shadows, but this EMA averages DTensor shards (FSDP2, "
+                "tensor parallelism): each rank holds only its local part. Evaluate with `with ema.apply():` "
+                "(the sharded model's own forward gathers the averaged weights), or get the full average with "
+                "ema.averaged_state_dict(full=True) and load it into an unsharded copy of the model"
+            )
         if self.debias:
             raise ValueError(
                 "ema.module() shares the shadow storage, but with debias=True the shadows are not the average "
@@ -557,10 +601,19 @@ class EMA:
     @contextmanager
     def apply(self, index: int = 0) -> Iterator[nn.Module]:
         """Inside the block the live model holds the averaged weights; on exit (even on error) the
-        training weights are restored exactly. Yields the model."""
+        training weights are restored exactly. Yields the model.
+
+        Sharded models (FSDP2): the block first reshards every FSDP module (``FSDPModule.reshard()``, local)
+        and writes each rank's averaged shards into its local shards, so the model's own forward inside
+        the block all-gathers the averaged weights; on exit it reshards again (a forward under no_grad
+        leaves the root's unsharded, here averaged, weights in place) and restores the shards. Entering
+        and leaving issue no collective; a forward inside the block is the usual FSDP2 collective that
+        every rank must make."""
         index = self._check_index(index)
         if self._applied:
             raise RuntimeError("ema.apply() is already active; nested apply() blocks are not supported")
+        if self._shards is not None:
+            _sharding.reshard(self.model)
         self._poll(block=True)
         self._check_model_unchanged()
         # Back up the averaged tensors and every other buffer too: code inside the block (a forward pass
@@ -580,25 +633,40 @@ class EMA:
             yield self.model
         finally:
             with torch.no_grad():
-                self._restore(live, backup)
+                try:
+                    if self._shards is not None:  # drop the unsharded averaged weights a forward left behind
+                        _sharding.reshard(self.model)
+                finally:
+                    self._restore(live, backup)
 
     def _restore(self, live: list[Tensor], backup: list[Tensor]) -> None:
         _kernels.copy_(live, backup)
         self._applied = False
 
-    def averaged_state_dict(self, index: int = 0) -> dict[str, Any]:
+    def averaged_state_dict(self, index: int = 0, *, full: bool = False) -> dict[str, Any]:
         """The model's ``state_dict()`` with averaged tensors (in the model's dtype) in place of the live
         ones; loadable by ``model.load_state_dict``. Buffers under ``buffers="skip"`` are left out (load
-        with ``strict=False``). Every tensor is a fresh copy."""
+        with ``strict=False``). Every tensor is a fresh copy.
+
+        Sharded models (DTensor parameters): the averages are DTensors with the model's placements, global
+        shape and stride (no collective). ``full=True`` is a collective every rank must call: it gathers
+        one tensor at a time and moves it to the CPU on rank 0, which gets the full state dict (the other
+        ranks get an empty dict); rank 0 holds at most one full tensor beyond its shards on the
+        accelerator. Without sharding ``full`` changes nothing."""
         index = self._check_index(index)
+        full = as_bool(full, "full")
         self._poll(block=True)
         self._check_model_unchanged()
         # a tied tensor (e.g. embedding = output head) has one average under several keys
         aliases = {key: s.key for s in self._selected for key in s.model_keys}
         skipped = {k for s in self._selected if s.mode == "skip" for k in s.model_keys}
-        return _state.model_state_with(
-            self._averaged_by_key(index), self.model.state_dict(), aliases=aliases, skip=skipped
-        )
+        averaged = self._averaged_by_key(index)
+        if self._shards is not None:
+            averaged = self._shards.wrap(averaged)
+        state = _state.model_state_with(averaged, self.model.state_dict(), aliases=aliases, skip=skipped)
+        if full and self._shards is not None:
+            return dict(_sharding.full_items(state))
+        return state
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module, index: int = 0) -> None:
@@ -613,7 +681,12 @@ class EMA:
         self._poll(block=True)
         self._check_model_unchanged()
         targets = select(model, include=None, exclude=None, buffers="copy")
-        pairs = copy_pairs(self._selected, targets, self._averaged_by_key(index))
+        averaged = self._averaged_by_key(index)
+        if self._shards is not None:
+            averaged = self._shards.wrap(averaged)
+        pairs = copy_pairs(self._selected, targets, averaged)
+        if self._shards is not None:
+            pairs = _sharding.local_pairs(pairs)
         _kernels.copy_([d for d, _ in pairs], [s for _, s in pairs])
 
     def state_dict(self) -> dict[str, Any]:
@@ -625,6 +698,8 @@ class EMA:
             {key: view.detach().clone() for group in self._groups for key, view in zip(group.keys, group.views[k])}
             for k in range(self.num_averages)
         ]
+        if self._shards is not None:  # DTensors: torch.distributed.checkpoint saves and reshards them
+            averages = [self._shards.wrap(a) for a in averages]
         return _state.build(
             step=self.step,
             skipped_updates=self.skipped_updates,
@@ -639,6 +714,8 @@ class EMA:
         """Restore ``state_dict()`` output. Everything is validated before anything changes: a foreign or
         corrupt state, impossible counters (a negative or non-integer count, a decay product outside
         [0, 1]), missing/unexpected keys, shape or dtype mismatches and NaN/inf raise ValueError."""
+        if self._shards is not None:  # each rank takes its part of full tensors or of DTensors
+            state_dict = self._shards.localize(state_dict)
         state = _state.parse(state_dict)
         views = {
             key: [g.views[k][i] for k in range(self.num_averages)] for g in self._groups for i, key in enumerate(g.keys)

@@ -95,6 +95,13 @@ class Teacher(nn.Module):
             buffers=_EMA_BUFFERS[buffers],
             nonfinite=nonfinite,
         )
+        if ema._shards is not None:
+            raise ValueError(
+                "a Teacher is a module over its averages, but this student's parameters are DTensors (FSDP2's "
+                "fully_shard, tensor parallelism): each rank holds only its shards. Use polyak.EMA(student) and "
+                "`with ema.apply():` for the teacher's forward (the sharded model gathers the averaged weights), "
+                "or wrap the student in DDP"
+            )
         module = averaged_module(student, ema._shadow_views(0), ema._selected, own_buffers=True)
         module.train(mode == "train")
         # Plain attributes, not submodules: no teacher tensor shows up in parameters(), and a parent's

@@ -10,6 +10,7 @@ one run: starting a world costs a few seconds per process on a 2-core machine.
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,13 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, store: str, out: str, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        result = fn(rank, world, *args)
+        try:
+            result = fn(rank, world, *args)
+        except BaseException:
+            # the other ranks then fail too (a peer reset in their next collective), and mp.spawn reports
+            # whichever process it finds first: keep this rank's own traceback for run_world
+            Path(out, f"rank{rank}.error").write_text(traceback.format_exc())
+            raise
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -40,7 +47,15 @@ def run_world(fn: Callable[..., Any], world: int, tmp_path: Path, *args: Any) ->
     store = out / "store"
     if store.exists():
         store.unlink()
-    mp.spawn(_entry, args=(fn, world, str(store), str(out), args), nprocs=world, join=True)
+    for stale in out.glob("rank*.error"):
+        stale.unlink()
+    try:
+        mp.spawn(_entry, args=(fn, world, str(store), str(out), args), nprocs=world, join=True)
+    except mp.ProcessRaisedException as exc:
+        raised = sorted(out.glob("rank*.error"))
+        if raised:  # the rank whose own code raised, not a peer that lost its connection to it
+            raise RuntimeError(f"{raised[0].stem} failed:\n{raised[0].read_text()}") from exc
+        raise
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -83,4 +83,6 @@ def test_ddp_teacher_pairs_by_name_and_matches_one_process(tmp_path: Path) -> No
     plain = polyak.Teacher(_student(), momentum=0.8)
     plain.load_state_dict(states[0])
     assert plain.step == STEPS
-    assert "are DTensors" in (tmp_path / "errors.txt").read_text()
+    errors = (tmp_path / "errors.txt").read_text()
+    assert "are DTensors" in errors, errors
+    assert "with ema.apply():" in errors, errors

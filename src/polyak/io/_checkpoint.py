@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from polyak._kernels import finite_on_host
 from polyak._select import normalize_key
+from polyak._sharding import is_dtensor
 from polyak.ema import EMA
 from polyak.io import _readers, _tree, _writers, peers
 from polyak.io._atomic import check_writable_destination
@@ -82,9 +83,13 @@ def save(
 
     The format follows the suffix (``.pt``/``.pth``/``.ckpt``/``.bin`` -> torch, else safetensors) unless
     ``format`` is given. A failed write (full disk, kill) leaves the previous file intact.
+
+    Sharded states (an EMA of a model with DTensor parameters, e.g. FSDP2; such a ``model=`` or
+    ``optimizer=``) make ``save`` a collective that every rank must call: it writes one standard file
+    from rank 0, gathering one tensor at a time (``"safetensors"``: straight into the file; ``"pt"``:
+    into host memory first), and loads into a plain single-process EMA as it is.
     """
     fmt = file_format_for(path, format)
-    check_writable_destination(path)  # fail before serialising anything
     payload = {
         "ema": _state_of(ema, "ema"),
         "model": _state_of(model, "model"),
@@ -93,12 +98,62 @@ def save(
     }
     if all(v is None for v in payload.values()):
         raise ValueError("nothing to save: pass an EMA and/or model=, optimizer=, extra=")
+    rank0 = _sharded_destination(path, payload)  # None: nothing sharded
+    if rank0 is None:
+        check_writable_destination(path)  # fail before serialising anything
     if fmt == "pt":
+        if rank0 is not None:
+            payload = _gathered(payload, rank0)
+            if not rank0:
+                return Path(path)
         return _writers.save_torch(path, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload})
     skeleton, tensors = _tree.flatten(payload, "")
     metadata = _header_metadata(payload)
     metadata["tree"] = json.dumps(skeleton)
+    if rank0 is not None:
+        return _writers.save_safetensors_from_rank0(path, tensors, metadata, rank0=rank0)
     return _writers.save_safetensors(path, tensors, metadata)
+
+
+def _any_dtensor(tree: Any) -> bool:
+    if isinstance(tree, Mapping):
+        return any(_any_dtensor(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_any_dtensor(v) for v in tree)
+    return is_dtensor(tree)
+
+
+def _sharded_destination(path: str | os.PathLike[str], payload: Any) -> bool | None:
+    """None when no tensor is a DTensor; else whether this is rank 0, after rank 0 checked ``path`` and
+    every rank learned the outcome (one broadcast), so that no rank waits in a gather that rank 0 left."""
+    if not _any_dtensor(payload):
+        return None
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    problem: list[BaseException | None] = [None]
+    if rank0:
+        try:
+            check_writable_destination(path)
+        except OSError as exc:
+            problem[0] = exc
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise problem[0]
+    return rank0
+
+
+def _gathered(tree: Any, keep: bool) -> Any:
+    """``tree`` with every DTensor gathered, in order, to a full CPU tensor (a collective); the other
+    ranks (``keep=False``) only take part in the gathers."""
+    if is_dtensor(tree):
+        full = tree.full_tensor().cpu()
+        return full if keep else None
+    if isinstance(tree, Mapping):
+        return {k: _gathered(v, keep) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_gathered(v, keep) for v in tree)
+    return tree
 
 
 def _state_of(obj: Any, what: str) -> Any:
@@ -363,6 +418,13 @@ def check_model_state(model: nn.Module, state: Mapping[str, Any], *, what: str) 
     if not isinstance(state, Mapping):
         raise ValueError(f"{what}: corrupt model weights (expected a mapping, got {type(state).__name__})")
     own = model.state_dict()
+    if any(map(is_dtensor, own.values())):
+        raise ValueError(
+            f"{what}: this model's weights are DTensors (FSDP2, tensor parallelism); polyak.load restores the EMA "
+            "of a sharded model, but the model and optimizer sections only into unsharded ones. Load the model "
+            "with torch.distributed.checkpoint (dcp.load with set_model_state_dict), or load this file into an "
+            "unsharded model before sharding it"
+        )
     mapping = _matching(model, state)
     missing = sorted(k for k, v in mapping.items() if not v)
     known = {normalize_key(k) for k in own}
@@ -405,6 +467,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, 
     (an SGD state loaded into AdamW raises ``KeyError: 'step'`` in Adam's ``__setstate__``) becomes a
     ValueError here, before anything was written.
     """
+    if any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(
+            f"{what}: this optimizer's parameters are DTensors (FSDP2, tensor parallelism), whose optimizer state "
+            "is sharded too; load it with torch.distributed.checkpoint (dcp.load with set_optimizer_state_dict)"
+        )
     groups = state.get("param_groups") if isinstance(state, Mapping) else None
     if not isinstance(groups, list) or not isinstance(state.get("state"), Mapping):
         raise ValueError(f"{what}: corrupt optimizer state (expected 'state' and 'param_groups')")

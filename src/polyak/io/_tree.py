@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polyak._sharding import is_dtensor
+
 _TENSOR = "__tensor__"
 _DICT = "__dict__"
 _TUPLE = "__tuple__"
@@ -53,6 +55,13 @@ def flatten(tree: Any, prefix: str, *, share: bool = True) -> tuple[Any, dict[st
         return name
 
     def walk(node: Any, path: str) -> Any:
+        if is_dtensor(node):  # a sharded tensor: stored whole, gathered when written (_writers)
+            ident = ("dtensor", id(node))
+            if share and ident in seen:
+                return {_TENSOR: seen[ident]}
+            seen[ident] = name = name_for(path)
+            tensors[name] = node.detach()
+            return {_TENSOR: name}
         if isinstance(node, Tensor):
             t = node.detach()
             if t.device.type != "cpu":

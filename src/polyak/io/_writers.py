@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
+from polyak._sharding import is_dtensor
 from polyak.io._atomic import ChunkedWriter, atomic_writer, write_chunked
 from polyak.io._buffers import host_buffer
 from polyak.io._readers import CHECKSUM_PREFIX, checksum_placeholder
@@ -92,18 +93,23 @@ def _encode_header(header: dict[str, Any]) -> bytes:
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes in C order on the host: a view where it is already a contiguous CPU tensor,
-    else one copy of this tensor only."""
+    else one copy of this tensor only. A DTensor is gathered first (a collective, see
+    ``save_safetensors_from_rank0``)."""
+    if is_dtensor(tensor):
+        tensor = tensor.full_tensor()  # type: ignore[attr-defined]
     return host_buffer(tensor.detach().to("cpu").contiguous())
 
 
-def write_safetensors(handle: BinaryIO, layout: Layout) -> None:
+def write_safetensors(
+    handle: BinaryIO, layout: Layout, tensor_bytes: Callable[[Tensor], memoryview] = _tensor_bytes
+) -> None:
     """Stream the tensors one at a time after a placeholder header, hashing header and tensors as they
     go, then write the header again with the real checksum."""
     placeholder = _encode_header(layout.header)
     handle.write(placeholder)
     digest = hashlib.sha256(placeholder)
     for tensor in layout.tensors:
-        data = _tensor_bytes(tensor)
+        data = tensor_bytes(tensor)
         digest.update(data)
         write_chunked(handle, data)
     checksum = CHECKSUM_PREFIX + digest.hexdigest()
@@ -120,6 +126,40 @@ def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor]
     layout = safetensors_layout(tensors, metadata)
     with atomic_writer(path) as handle:
         write_safetensors(handle, layout)
+    return Path(path)
+
+
+def save_safetensors_from_rank0(
+    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str], *, rank0: bool
+) -> Path:
+    """``save_safetensors`` for tensors of which some are DTensors: a collective every rank must call.
+    Every rank walks the tensors in file order and gathers each DTensor in turn; rank 0 streams them into
+    the file, so it holds at most one full tensor beyond its shards."""
+    layout = safetensors_layout(tensors, metadata)  # the same header (and errors) on every rank
+    if not rank0:
+        for tensor in layout.tensors:
+            if is_dtensor(tensor):
+                tensor.full_tensor()  # type: ignore[attr-defined]
+        return Path(path)
+    read = 0
+
+    def counted(tensor: Tensor) -> memoryview:
+        nonlocal read
+        if is_dtensor(tensor):
+            tensor = tensor.full_tensor()  # type: ignore[attr-defined]
+        read += 1  # this tensor's gather is done, whatever happens to its bytes
+        return _tensor_bytes(tensor)
+
+    try:
+        with atomic_writer(path) as handle:
+            write_safetensors(handle, layout, counted)
+    except BaseException:
+        # a failed write (full disk) on rank 0: still take part in the remaining gathers, so that the
+        # other ranks finish instead of waiting for rank 0 forever; then raise here
+        for tensor in layout.tensors[read:]:
+            if is_dtensor(tensor):
+                tensor.full_tensor()  # type: ignore[attr-defined]
+        raise
     return Path(path)
 
 
