@@ -1,8 +1,9 @@
-"""The Lightning and Hugging Face callbacks on a model sharded by FSDP2 (gloo, CPU, 2 ranks), against one
-process that trains the same model on the whole batch.
+"""The Lightning and Hugging Face callbacks on sharded models (gloo, CPU, 2 ranks), against one process that
+trains the same model on the whole batch: FSDP2 (DTensor shards) and DDP with ``EMA(shard=True)`` (each
+rank keeps a slice of every shadow group).
 
-Lightning: a real ``Trainer`` with ``ModelParallelStrategy`` (``configure_model`` calls ``fully_shard``),
-run inside the ranks that ``run_world`` starts (Lightning sees ``LOCAL_RANK`` and an initialised process
+Lightning: a real ``Trainer`` with ``ModelParallelStrategy`` (``configure_model`` calls ``fully_shard``)
+or ``DDPStrategy``, run inside the ranks that ``run_world`` starts (Lightning sees ``LOCAL_RANK`` and an initialised process
 group, so it launches nothing). Hugging Face: accelerate enables FSDP only on accelerators (on a CPU its
 ``Trainer`` silently falls back to DDP), so the test drives the callback's own event methods, in the order
 the ``Trainer`` calls them, around a training loop on an FSDP2 model: every engine call the callback makes
@@ -95,17 +96,11 @@ def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], prefix: 
         torch.testing.assert_close(got[prefix + key], value, rtol=0, atol=1e-6, msg=key)
 
 
-# --- Lightning: ModelParallelStrategy ----------------------------------------------------------------------
-class ShardedRegressor(pl.LightningModule):
+# --- Lightning: ModelParallelStrategy (FSDP2) and DDPStrategy with EMA(shard=True) -----------------------------
+class Regressor(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = _net()
-
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import FSDPModule
-
-        if not isinstance(self.net, FSDPModule):  # fit, then test: called once per stage
-            _shard(self.net, self.device_mesh["data_parallel"])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -123,6 +118,14 @@ class ShardedRegressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
+class ShardedRegressor(Regressor):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.net, FSDPModule):  # fit, then test: called once per stage
+            _shard(self.net, self.device_mesh["data_parallel"])
+
+
 def _loader(data: TensorDataset) -> DataLoader[Any]:
     """This rank's half of every global batch of 8, in order (rank r: samples r, r + 2, ...)."""
     from torch.utils.data.distributed import DistributedSampler
@@ -130,13 +133,14 @@ def _loader(data: TensorDataset) -> DataLoader[Any]:
     return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, shuffle=False))
 
 
-def _trainer(callback: Any, epochs: int) -> Any:
-    from lightning.pytorch.strategies import ModelParallelStrategy
+def _trainer(kind: str, callback: Any, epochs: int) -> Any:
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
+    strategy = ModelParallelStrategy(WORLD, 1) if kind == "fsdp2" else DDPStrategy()
     return pl.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
+        strategy=strategy,
         max_epochs=epochs,
         callbacks=[callback],
         logger=False,
@@ -148,35 +152,36 @@ def _trainer(callback: Any, epochs: int) -> Any:
     )
 
 
-def _lightning_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
-    from torch.distributed.tensor import DTensor
-
+def _lightning_rank(rank: int, world: int, folder: str, kind: str) -> dict[str, Any]:
+    from polyak.integrations._callback import is_sharded
     from polyak.integrations.lightning import EMACallback
 
     # the process group exists already: with these variables Lightning joins it and launches nothing
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), NODE_RANK="0")
     out: dict[str, Any] = {}
     loaders = _loader(TRAIN), _loader(VAL)
+    make = ShardedRegressor if kind == "fsdp2" else Regressor
+    options = {} if kind == "fsdp2" else {"shard": True}
 
-    cb = EMACallback(decay=DECAY, validate_both=True)
-    module = ShardedRegressor()
-    trainer = _trainer(cb, epochs=1)
+    cb = EMACallback(decay=DECAY, validate_both=True, **options)
+    module = make()
+    trainer = _trainer(kind, cb, epochs=1)
     trainer.fit(module, *loaders)
     assert cb.ema is not None
     out["step"] = cb.ema.step
-    out["dtensors"] = all(isinstance(v, DTensor) for v in cb.ema.state_dict()["averages"][0].values())
+    out["sharded"] = is_sharded(cb.ema.state_dict())  # FSDP2: built after configure_model sharded the module
     out["val_loss"] = float(trainer.callback_metrics["val_loss"])
     out["val_loss_ema"] = float(trainer.callback_metrics["val_loss_ema"])
     live = _full(module.state_dict())
     (result,) = trainer.test(module, loaders[1], verbose=False)
     out["test_loss"] = result["test_loss"]
     out["live_restored"] = all(torch.equal(v, live[k]) for k, v in _full(module.state_dict()).items())
-    trainer.save_checkpoint(os.path.join(folder, "ckpt"))  # distributed checkpoint: a directory
+    trainer.save_checkpoint(os.path.join(folder, "ckpt"))  # FSDP2: a distributed checkpoint (a directory)
     out["averaged_1"] = cb.ema.averaged_state_dict(full=True)
 
-    resumed_cb = EMACallback(decay=DECAY, save_averaged_at_end=True)
-    resumed = ShardedRegressor()
-    _trainer(resumed_cb, epochs=2).fit(resumed, *loaders, ckpt_path=os.path.join(folder, "ckpt"))
+    resumed_cb = EMACallback(decay=DECAY, save_averaged_at_end=True, **options)
+    resumed = make()
+    _trainer(kind, resumed_cb, epochs=2).fit(resumed, *loaders, ckpt_path=os.path.join(folder, "ckpt"))
     assert resumed_cb.ema is not None
     out["resumed_step"] = resumed_cb.ema.step
     out["averaged_2"] = resumed_cb.ema.averaged_state_dict(full=True)
@@ -185,14 +190,17 @@ def _lightning_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
 
 
 @requires_distributed
-def test_lightning_model_parallel_strategy_averages_like_one_process(tmp_path: Path) -> None:
-    results = run_world(_lightning_rank, WORLD, tmp_path, str(tmp_path))
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp_shard"])
+def test_lightning_sharded_strategies_average_like_one_process(tmp_path: Path, kind: str) -> None:
+    """``ModelParallelStrategy`` with ``fully_shard`` (DTensor shards) and ``DDPStrategy`` with
+    ``EMACallback(shard=True)`` (each rank keeps a slice of every shadow group)."""
+    results = run_world(_lightning_rank, WORLD, tmp_path, str(tmp_path), kind)
     reference = _reference(2 * STEPS_PER_EPOCH)
     epoch1, epoch2 = reference[STEPS_PER_EPOCH - 1], reference[-1]
     for r in results:
         assert r["step"] == STEPS_PER_EPOCH
         assert r["resumed_step"] == 2 * STEPS_PER_EPOCH
-        assert r["dtensors"]  # built after configure_model sharded the module
+        assert r["sharded"]
         assert r["live_restored"]
         # validate_both: the raw and the averaged weights, each equal to one process on the whole batch
         assert r["val_loss"] == pytest.approx(epoch1["raw_loss"], abs=1e-6)
@@ -205,15 +213,15 @@ def test_lightning_model_parallel_strategy_averages_like_one_process(tmp_path: P
     assert results[1]["averaged_1"] == {}  # full=True: rank 0 gets the full state
 
     # the checkpoint holds the full average (written by rank 0): a plain single-process EMA loads it
-    meta = torch.load(tmp_path / "ckpt" / "meta.pt", weights_only=True)
-    plain = polyak.EMA(ShardedRegressor(), decay=DECAY)
+    meta = torch.load(tmp_path / "ckpt" / "meta.pt" if kind == "fsdp2" else tmp_path / "ckpt", weights_only=True)
+    plain = polyak.EMA(Regressor(), decay=DECAY)
     plain.load_state_dict(meta["polyak_ema"]["ema"])
     assert plain.step == STEPS_PER_EPOCH
     _close(plain.averaged_state_dict(), epoch1["averaged"], prefix="net.")
 
 
 # --- Hugging Face: the callback's events around an FSDP2 training loop ----------------------------------------
-def _hf_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
+def _hf_rank(rank: int, world: int, folder: str, kind: str) -> dict[str, Any]:
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -223,7 +231,12 @@ def _hf_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
     from tests.distributed.harness import mesh_1d
 
     net = _net()
-    _shard(net, mesh_1d(world))
+    trained: nn.Module = net  # the Trainer trains the wrapped model and passes the callbacks the inner one
+    if kind == "fsdp2":
+        _shard(net, mesh_1d(world))
+    else:
+        trained = nn.parallel.DistributedDataParallel(net)
+    options = {} if kind == "fsdp2" else {"shard": True}
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     x, y = TRAIN.tensors
     shared = SimpleNamespace(output_dir=folder, load_best_model_at_end=False, should_save=rank == 0)
@@ -242,7 +255,7 @@ def _hf_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
             cb.on_step_begin(shared, state, control)
             opt.zero_grad()
             i = 8 * (state.global_step % STEPS_PER_EPOCH) + rank
-            nn.functional.mse_loss(net(x[i : i + 8 : 2]), y[i : i + 8 : 2]).backward()  # this rank's half
+            nn.functional.mse_loss(trained(x[i : i + 8 : 2]), y[i : i + 8 : 2]).backward()  # this rank's half
             opt.step()
             state.global_step += 1
             control.should_evaluate = state.global_step == evaluate_at
@@ -251,7 +264,7 @@ def _hf_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
                 out["eval_loss"] = _loss(net, VAL)
                 control.should_evaluate = False
 
-    cb = EMACallback(decay=DECAY)
+    cb = EMACallback(decay=DECAY, **options)
     cb.on_train_begin(shared, state, control, model=net)
     steps(cb, upto=2)
     checkpoint_dir(2)
@@ -263,7 +276,7 @@ def _hf_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
     out["live_restored"] = all(torch.equal(v, live[k]) for k, v in _full(net.state_dict()).items())
     cb.on_train_end(shared, state, control, model=net)
 
-    resumed = EMACallback(decay=DECAY, swap_at_end=True)  # trainer.train(resume_from_checkpoint=...)
+    resumed = EMACallback(decay=DECAY, swap_at_end=True, **options)  # train(resume_from_checkpoint=...)
     resumed.on_train_begin(shared, state, control, model=net)
     assert resumed.ema is not None
     out["resumed_step"] = resumed.ema.step
@@ -275,11 +288,12 @@ def _hf_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
 
 
 @requires_distributed
-def test_hugging_face_callback_events_on_an_fsdp2_model_average_like_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp_shard"])
+def test_hugging_face_callback_events_on_sharded_models_average_like_one_process(tmp_path: Path, kind: str) -> None:
     pytest.importorskip("transformers")
     from polyak.integrations.transformers import CHECKPOINT_FILE
 
-    results = run_world(_hf_rank, WORLD, tmp_path, str(tmp_path))
+    results = run_world(_hf_rank, WORLD, tmp_path, str(tmp_path), kind)
     reference = _reference(2 * STEPS_PER_EPOCH)
     assert abs(reference[3]["raw_loss"] - reference[3]["averaged_loss"]) > 1e-4
     for r in results:
