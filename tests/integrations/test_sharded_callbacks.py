@@ -308,3 +308,88 @@ def test_hugging_face_callback_events_on_sharded_models_average_like_one_process
         polyak.io.load(tmp_path / f"checkpoint-{step}" / CHECKPOINT_FILE, plain)
         assert plain.step == step
         _close(plain.averaged_state_dict(), reference[step - 1]["averaged"])
+
+
+# --- Hugging Face: a real Trainer under DDP (it runs on a CPU), EMA(shard=True) against a replicated EMA ---
+class _HFNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def _rows(data: TensorDataset) -> list[dict[str, torch.Tensor]]:
+    return [{"x": x, "labels": y} for x, y in zip(*data.tensors)]
+
+
+def _hf_trainer_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
+    from transformers import Trainer, TrainingArguments
+
+    from polyak.integrations.transformers import EMACallback
+
+    # the process group exists already: accelerate joins it
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    out: dict[str, Any] = {}
+
+    def train(name: str, run: str, resume: str | None = None, **options: Any) -> Any:
+        args = TrainingArguments(
+            output_dir=os.path.join(folder, run),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_strategy="steps",
+            save_steps=2,
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        cb = EMACallback(decay=DECAY, **options)
+        trainer = Trainer(
+            model=_HFNet(), args=args, train_dataset=_rows(TRAIN), eval_dataset=_rows(VAL), callbacks=[cb]
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        out[name] = {
+            "eval": [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h],
+            "step": cb.ema.step if cb.ema is not None else -1,
+            "averaged": cb.ema.averaged_state_dict(full=True) if cb.ema is not None else {},
+        }
+        return trainer
+
+    train("replicated", "replicated")
+    train("sharded", "sharded", shard=True)
+    # the callback finds the EMA state in the run's own output_dir; checkpoint-2 and -4 are written again
+    train("resumed", "sharded", resume=os.path.join(folder, "sharded", "checkpoint-2"), shard=True)
+    return out
+
+
+@requires_distributed
+def test_hugging_face_trainer_under_ddp_with_a_sharded_ema_equals_a_replicated_one(tmp_path: Path) -> None:
+    """A real ``Trainer`` (accelerate's DDP on a CPU): ``EMACallback(shard=True)`` evaluates, checkpoints and
+    resumes exactly as the replicated average does."""
+    pytest.importorskip("transformers")
+    from polyak.integrations.transformers import CHECKPOINT_FILE
+
+    results = run_world(_hf_trainer_rank, WORLD, tmp_path, str(tmp_path))
+    for r in results:
+        assert r["replicated"]["step"] == r["sharded"]["step"] == r["resumed"]["step"] == 4
+        assert len(r["sharded"]["eval"]) == 2
+        assert r["sharded"]["eval"] == r["replicated"]["eval"]
+        assert r["resumed"]["eval"] == r["sharded"]["eval"]  # the restored history, then step 4 again
+    replicated, sharded, resumed = (results[0][k]["averaged"] for k in ("replicated", "sharded", "resumed"))
+    assert results[1]["sharded"]["averaged"] == {}  # full=True: rank 0 gets the full state
+    for key, value in replicated.items():
+        assert torch.equal(sharded[key], value), key
+        assert torch.equal(resumed[key], value), key
+    for step in (2, 4):  # one standard file per checkpoint, written by rank 0, the same for both kinds
+        files = [tmp_path / name / f"checkpoint-{step}" / CHECKPOINT_FILE for name in ("replicated", "sharded")]
+        emas = [polyak.EMA(_HFNet(), decay=DECAY) for _ in files]
+        for ema, file in zip(emas, files):
+            polyak.io.load(file, ema)
+        for key, value in emas[0].averaged_state_dict().items():
+            assert torch.equal(emas[1].averaged_state_dict()[key], value), key
