@@ -59,10 +59,15 @@ def build_model(layers: int, width: int) -> nn.Sequential:
 
 
 def local_part(t: Tensor) -> Tensor:
-    """A DTensor's local shard; a plain tensor itself."""
+    """What this rank stores of an averaged tensor: a DTensor's local shard, the ``local`` range of a
+    rank slice (``EMA(shard=True)``, shaped like the full tensor but holding only its range), or a plain
+    tensor itself."""
     from torch.distributed.tensor import DTensor
 
-    return t.to_local() if isinstance(t, DTensor) else t
+    if isinstance(t, DTensor):
+        return t.to_local()
+    local = getattr(t, "local", None)
+    return local if isinstance(local, Tensor) else t
 
 
 def state_bytes(ema: Any) -> int:
@@ -92,6 +97,24 @@ class GatherPerUpdate:
     def shadow_bytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.shadows)
 
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Write the averages into the live shards and back, as an evaluation swap does (each rank cuts its
+        shard from its full copy: no collective)."""
+        for shadow, p in zip(self.shadows, self.params):
+            local = local_part(p)
+            backup = local.clone()
+            local.copy_(self._part(shadow, p))
+            local.copy_(backup)
+
+    @staticmethod
+    def _part(full: Tensor, p: Tensor) -> Tensor:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if not isinstance(p, DTensor):
+            return full
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
 
 def make_designs(rank: int, world: int, layers: int, width: int) -> tuple[dict[str, Any], dict[str, str]]:
     """Each design's ``(update, shadow_bytes)``, and the designs this polyak cannot build (name -> error)."""
@@ -110,9 +133,9 @@ def make_designs(rank: int, world: int, layers: int, width: int) -> tuple[dict[s
     designs: dict[str, Any] = {}
     missing: dict[str, str] = {}
     replicated = polyak.EMA(ddp, decay=DECAY)
-    designs["replicated"] = (replicated.update, state_bytes(replicated))
+    designs["replicated"] = (replicated.update, state_bytes(replicated), swap(replicated))
     gather = GatherPerUpdate(sharded)
-    designs["gather per update"] = (gather.update, gather.shadow_bytes())
+    designs["gather per update"] = (gather.update, gather.shadow_bytes(), gather.swap)
     builders: dict[str, Callable[[], Any]] = {
         "polyak FSDP2": lambda: polyak.EMA(sharded, decay=DECAY),
         "polyak DDP shard": lambda: polyak.EMA(ddp, decay=DECAY, shard=True),
@@ -123,8 +146,18 @@ def make_designs(rank: int, world: int, layers: int, width: int) -> tuple[dict[s
         except (TypeError, ValueError) as error:  # this polyak has no such path yet
             missing[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
             continue
-        designs[name] = (ema.update, state_bytes(ema))
+        designs[name] = (ema.update, state_bytes(ema), swap(ema))
     return designs, missing
+
+
+def swap(ema: Any) -> Callable[[], None]:
+    """Enter and leave ``ema.apply()`` (the evaluation swap), with no forward inside."""
+
+    def run() -> None:
+        with ema.apply():
+            pass
+
+    return run
 
 
 def count_collectives(update: Callable[[], None]) -> dict[str, int]:
@@ -144,11 +177,13 @@ def rank_main(rank: int, world: int, store: str, out: str, layers: int, width: i
         torch.set_grad_enabled(False)
         designs, missing = make_designs(rank, world, layers, width)
         names = list(designs)
-        collectives = {}
+        collectives, swap_collectives = {}, {}
         for name in names:  # warm-up (first-touch, lazy state), then one update counted
             designs[name][0]()
             dist.barrier()
             collectives[name] = count_collectives(designs[name][0])
+            dist.barrier()
+            swap_collectives[name] = count_collectives(designs[name][2])
             dist.barrier()
         times: dict[str, list[float]] = {n: [] for n in names}
         order = random.Random(1)  # the same seed on every rank: every rank runs the designs in one order
@@ -164,6 +199,7 @@ def rank_main(rank: int, world: int, store: str, out: str, layers: int, width: i
             "shadow_bytes": {n: designs[n][1] for n in designs},
             "times": times,
             "collectives": collectives,
+            "swap_collectives": swap_collectives,
             "missing": missing,
         }
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -192,6 +228,7 @@ def run_world(world: int, layers: int, width: int, rounds: int) -> dict[str, Any
             "update_ms_by_rank": per_rank_ms,
             "time_ratio_to_replicated": statistics.median(ratios),
             "collectives_per_update": ranks[0]["collectives"][name],
+            "collectives_per_swap": ranks[0]["swap_collectives"][name],
         }
     replicated = rows["replicated"]["shadow_bytes_per_rank"]
     for row in rows.values():
@@ -199,22 +236,26 @@ def run_world(world: int, layers: int, width: int, rounds: int) -> dict[str, Any
     return {"world": world, "designs": rows, "unavailable": ranks[0]["missing"]}
 
 
+def describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {op.split('.')[-1]}" for op, n in counts.items()) if counts else "0"
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "| world | design | shadow MB / rank | × replicated | update ms / rank | × replicated | collectives / update |",
-        "|---|---|---|---|---|---|---|",
+        "| world | design | shadow MB / rank | × replicated | update ms / rank | × replicated | collectives / update "
+        "| collectives / swap |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in report["worlds"]:
         for name in DESIGNS:
             row = entry["designs"].get(name)
             if row is None:
                 continue
-            counts = row["collectives_per_update"]
-            comm = ", ".join(f"{n} {op.split('.')[-1]}" for op, n in counts.items()) if counts else "0"
+            comm, swap_comm = (describe(row[k]) for k in ("collectives_per_update", "collectives_per_swap"))
             lines.append(
                 f"| {entry['world']} | {name} | {row['shadow_bytes_per_rank'] / 2**20:.1f} | "
                 f"{row['memory_ratio_to_replicated']:.2f} | {row['update_ms_per_rank']:.1f} | "
-                f"{row['time_ratio_to_replicated']:.2f} | {comm} |"
+                f"{row['time_ratio_to_replicated']:.2f} | {comm} | {swap_comm} |"
             )
     return "\n".join(lines)
 
