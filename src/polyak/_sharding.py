@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from polyak._rank_shard import FlatRangeShard
 from polyak._select import Selected, normalize_key
 
 __all__ = [
@@ -42,11 +43,18 @@ __all__ = [
     "agree",
     "full_items",
     "is_dtensor",
+    "is_sharded",
     "local_pairs",
     "replaced_message",
     "reshard",
     "shards_of",
 ]
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a sharded state value whose ``full_tensor()`` gathers it (a collective): a DTensor,
+    or a rank's flat range of a rank-sharded average (``polyak._rank_shard.FlatRangeShard``)."""
+    return isinstance(t, FlatRangeShard) or is_dtensor(t)
 
 
 def is_dtensor(t: object) -> bool:
@@ -285,7 +293,7 @@ def full_items(state: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 
     first = not dist.is_initialized() or dist.get_rank() == 0
     for key, value in state.items():
-        if is_dtensor(value):
+        if is_sharded(value):
             full = value.full_tensor()
             if first:
                 yield key, full.cpu()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from polyak import _kernels, _sharding, _state
+from polyak import _kernels, _rank_shard, _sharding, _state
 from polyak._counters import Counters, DeviceCounters, advance, refusal_message
 from polyak._decide import (
     Decision,
@@ -117,6 +117,19 @@ class EMA:
             device. Costs 35 to 100 tiny ops per update (free inside a CUDA graph, launch-bound eagerly).
             Not supported: shadows on another device than the weights (``device="cpu"``: ValueError).
             After capturing, do not re-assign parameters: a captured graph keeps reading the old memory.
+        shard: for replicated parameters (DDP): ``True`` splits every average over the ranks of the default
+            process group, a ``torch.distributed.ProcessGroup`` over that group's ranks. Each rank keeps
+            ``ceil(N / world)`` columns of each ``(K, N)`` shadow group (``torch.chunk``'s layout: the
+            memory of the averages shrinks by the world size) and ``update()`` lerps them from its own copy
+            of the weights: no collective, and the bits of the replicated average. The NaN/inf check
+            reads every weight on every rank (they are the same), so all ranks reach the same verdict with
+            no collective. Full values come back with collectives every rank must make: ``apply()`` (one
+            all-gather per shadow group into the live weights), ``copy_to``, ``averaged_state_dict(
+            full=True)`` and ``polyak.save`` (one gather per tensor, written by rank 0). ``state_dict()``
+            holds each rank's flat ranges for ``torch.distributed.checkpoint``, which reshards them
+            between world sizes. Needs an initialised process group; not with ``flatten=True``,
+            ``capturable=True`` or DTensor parameters (FSDP2 shards those already: leave ``shard=False``).
+            See ``docs/distributed.md``.
 
     How one update runs (readers, kernels, counters) is described in ``docs/architecture.md``.
     """
@@ -137,6 +150,7 @@ class EMA:
         nonfinite: NonFinitePolicy = "raise",
         flatten: bool = False,
         capturable: bool = False,
+        shard: bool | Any = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"EMA expects a torch.nn.Module, got {type(model).__name__}")
@@ -177,13 +191,18 @@ class EMA:
         self._selected: list[Selected] = select(model, include=include, exclude=exclude, buffers=buffers)
         # DTensor parameters (FSDP2, tensor parallel, HSDP): every rank averages its local shards
         self._shards = _sharding.shards_of(self._selected)
+        # replicated parameters split over the ranks (EMA(shard=...)): the same seam, one RankSlice per key
+        self._rank_layouts: list[_rank_shard.RankLayout] = []
+        if shard is not False:
+            self._rank_layouts = self._split_over_ranks(shard)
         if self._shards is not None and self.flatten:
             raise ValueError(
                 "EMA(flatten=True) re-points the model's parameters into one buffer, but this model's parameters "
                 "are DTensors (FSDP2's fully_shard, tensor parallelism) whose storage FSDP owns; leave "
                 "flatten=False (each rank then averages its local shards)"
             )
-        self._watch = ModelWatch(model, self._selected, probe_all=self._shards is not None)
+        # FSDP2 swaps parameter slots; DDP's replicas (shard=...) stay put, so the usual probes suffice
+        self._watch = ModelWatch(model, self._selected, probe_all=self._shards is not None and not self._rank_layouts)
         self._groups: list[Group] = build_groups(
             self._selected,
             num_averages=len(self.schedules),
@@ -224,6 +243,29 @@ class EMA:
                 )
             else:
                 group.reader = reader
+
+    def _split_over_ranks(self, shard: Any) -> list[_rank_shard.RankLayout]:
+        """``EMA(shard=...)``: check the combination, lay every shadow group out over the ranks and record
+        each averaged tensor's ``RankSlice`` as its placement (no collective)."""
+        if self._shards is not None:
+            raise ValueError(
+                "EMA(shard=...) splits replicated (DDP) parameters over the ranks, but this model's parameters are "
+                "DTensors (FSDP2's fully_shard, tensor parallelism), already sharded: each rank averages its own "
+                "shards. Leave shard=False"
+            )
+        for name, value in (("flatten", self.flatten), ("capturable", self.capturable)):
+            if value:
+                raise ValueError(
+                    f"EMA(shard=...) cannot be combined with {name}=True: each rank averages 1-D slices of the live "
+                    f"weights, which {name}=True does not support. Use one of the two"
+                )
+        layouts = _rank_shard.layouts_of(self._selected, dtype=self.dtype, device=self.device, shard=shard)
+        placements: dict[str, _sharding.Placement] = {}
+        for layout in layouts:
+            placements.update(layout.slices())
+        live = {s.key: s.tensor for s in self._selected if s.key in placements}
+        self._shards = _sharding.Shards(placements, live)
+        return layouts
 
     def _plan(self, group: Group) -> None:
         # With the check on the device (CUDA, or capturable) the update is masked on the device, which
@@ -328,7 +370,8 @@ class EMA:
         return (
             f"EMA(decay=[{decays}], step={self.step}, averaged={len(self.averaged_keys)} tensors "
             f"({numel:,} elements), start_step={self.start_step}, update_every={self.update_every}, "
-            f"buffers={self.buffers!r}, debias={self.debias}{', capturable=True' if self.capturable else ''})"
+            f"buffers={self.buffers!r}, debias={self.debias}{', capturable=True' if self.capturable else ''}"
+            f"{f', shard over {self._rank_layouts[0].world} ranks' if self._rank_layouts else ''})"
         )
 
     def decays_at(self, t: int) -> tuple[float, ...]:
@@ -424,6 +467,17 @@ class EMA:
         host never reads here, or the keys of the non-finite tensors (checked on the host)."""
         if self.nonfinite == "ignore" or not self._groups:
             return True
+        replicas = self._replicas()
+        if replicas is not None:  # replicated weights: every rank checks all of them, the same verdict
+            live = [[replicas.get(k, src) for k, src in zip(g.keys, g.sources)] for g in self._groups]
+            if self._device is not None:
+                return torch.stack([_kernels.all_finite(t).to(self._device.step.device) for t in live]).all()
+            fine = [_kernels.finite_on_host(t) for t in live]
+            if all(fine):
+                return True
+            return [
+                g.keys[i] for g, t, f in zip(self._groups, live, fine) if not f for i in _kernels.nonfinite_indices(t)
+            ]
         if self._device is not None:
             flags = [
                 _kernels.all_finite(g.sources) if src is None else _kernels.flat_finite(src)
@@ -445,7 +499,7 @@ class EMA:
     def _agrees(self) -> bool:
         """Sharded and ``nonfinite="skip"``: the ranks agree on each update's verdict (one all-reduce),
         so the shards of an average are refused together."""
-        return self._shards is not None and self.nonfinite == "skip"
+        return self._shards is not None and self.nonfinite == "skip" and not self._rank_layouts
 
     def _refuse(self, bad: list[str] | None, step: int, count: int = 1) -> bool:
         """Apply the policy to ``count`` refused updates (the last at ``step``; ``bad`` names the tensors,
@@ -579,10 +633,15 @@ class EMA:
         index = self._check_index(index)
         if self._shards is not None:
             raise ValueError(
-                "ema.module() builds a module over the shadows, but this EMA averages DTensor shards (FSDP2, "
-                "tensor parallelism): each rank holds only its local part. Evaluate with `with ema.apply():` "
-                "(the sharded model's own forward gathers the averaged weights), or get the full average with "
-                "ema.averaged_state_dict(full=True) and load it into an unsharded copy of the model"
+                "ema.module() builds a module over the shadows, but this EMA averages "
+                + (
+                    "1/world of each parameter per rank (shard=...)"
+                    if self._rank_layouts
+                    else "DTensor shards (FSDP2, tensor parallelism)"
+                )
+                + ": each rank holds only its local part. Evaluate with `with ema.apply():` (the averaged weights "
+                "are gathered into the model), or get the full average with ema.averaged_state_dict(full=True) "
+                "and load it into a copy of the model"
             )
         if self.debias:
             raise ValueError(
@@ -608,7 +667,11 @@ class EMA:
         the block all-gathers the averaged weights; on exit it reshards again (a forward under no_grad
         leaves the root's unsharded, here averaged, weights in place) and restores the shards. Entering
         and leaving issue no collective; a forward inside the block is the usual FSDP2 collective that
-        every rank must make."""
+        every rank must make.
+
+        Split over the ranks (``shard=...``): entering is a collective every rank must make, one
+        all-gather per shadow group of the averaged columns into the whole live parameters (buffers are
+        written locally); leaving restores the training weights from a copy, with no collective."""
         index = self._check_index(index)
         if self._applied:
             raise RuntimeError("ema.apply() is already active; nested apply() blocks are not supported")
@@ -617,15 +680,23 @@ class EMA:
         self._poll(block=True)
         self._check_model_unchanged()
         # Back up the averaged tensors and every other buffer too: code inside the block (a forward pass
-        # in train mode, polyak.update_bn) may change BatchNorm statistics that are not averaged.
-        live = [src for g in self._groups for src in g.sources]
+        # in train mode, polyak.update_bn) may change BatchNorm statistics that are not averaged. Split
+        # over the ranks (shard=...), the whole live parameters: the all-gather writes every element.
+        replicas = self._replicas() or {}
+        live = list(replicas.values()) + [
+            s for g in self._groups for k, s in zip(g.keys, g.sources) if k not in replicas
+        ]
         live += [s.tensor for s in self._selected if s.is_buffer and s.mode != "average"]
         with torch.no_grad():
             backup = [t.detach().clone() for t in live]
             self._applied = True
             try:
-                for group in self._groups:
-                    _kernels.copy_(group.sources, self._averaged_views(group, index))
+                for group in self._groups:  # what this rank holds whole (everything, unless split)
+                    whole = [i for i, k in enumerate(group.keys) if k not in replicas]
+                    averaged = self._averaged_views(group, index)
+                    _kernels.copy_([group.sources[i] for i in whole], [averaged[i] for i in whole])
+                if replicas:  # split over the ranks: one all-gather per shadow group
+                    self._gather_into(replicas, index)
             except BaseException:
                 self._restore(live, backup)
                 raise
@@ -638,6 +709,18 @@ class EMA:
                         _sharding.reshard(self.model)
                 finally:
                     self._restore(live, backup)
+
+    def _replicas(self) -> Mapping[str, Tensor] | None:
+        """Split over the ranks (``shard=...``): the whole live parameters by key, which every rank holds
+        (DDP's replicas); None otherwise."""
+        return self._shards.live if self._rank_layouts and self._shards is not None else None
+
+    def _gather_into(self, targets: Mapping[str, Tensor], index: int) -> None:
+        """Split over the ranks: write average ``index`` into ``targets`` (whole tensors by key, any
+        dtype): one all-gather per shadow group, a collective every rank must make."""
+        averaged = self._averaged_by_key(index)
+        for layout in self._rank_layouts:
+            layout.gather_(averaged, targets)
 
     def _restore(self, live: list[Tensor], backup: list[Tensor]) -> None:
         _kernels.copy_(live, backup)
@@ -652,7 +735,9 @@ class EMA:
         shape and stride (no collective). ``full=True`` is a collective every rank must call: it gathers
         one tensor at a time and moves it to the CPU on rank 0, which gets the full state dict (the other
         ranks get an empty dict); rank 0 holds at most one full tensor beyond its shards on the
-        accelerator. Without sharding ``full`` changes nothing."""
+        accelerator. Split over the ranks (``shard=...``) the same, where each parameter's average is this
+        rank's flat range of it (a ``FlatRangeShard`` of the full shape) and each buffer's is whole.
+        Without sharding ``full`` changes nothing."""
         index = self._check_index(index)
         full = as_bool(full, "full")
         self._poll(block=True)
@@ -673,7 +758,8 @@ class EMA:
         """Write the averaged weights into ``model`` (same architecture; wrapper prefixes may differ).
 
         Everything is checked before anything is written: missing/unexpected keys and shape mismatches
-        raise a ValueError and leave ``model`` untouched.
+        raise a ValueError and leave ``model`` untouched. Split over the ranks (``shard=...``) this is a
+        collective every rank must make: one all-gather per shadow group, before the checks.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"copy_to expects a torch.nn.Module, got {type(model).__name__}")
@@ -682,16 +768,23 @@ class EMA:
         self._check_model_unchanged()
         targets = select(model, include=None, exclude=None, buffers="copy")
         averaged = self._averaged_by_key(index)
-        if self._shards is not None:
+        replicas = self._replicas()
+        if replicas is not None:  # split over the ranks: one all-gather per group, into whole tensors
+            local = averaged
+            averaged = {k: v.new_empty(replicas[k].shape) if k in replicas else v for k, v in local.items()}
+            for layout in self._rank_layouts:
+                layout.gather_(local, averaged)
+        elif self._shards is not None:
             averaged = self._shards.wrap(averaged)
         pairs = copy_pairs(self._selected, targets, averaged)
-        if self._shards is not None:
+        if self._shards is not None and replicas is None:
             pairs = _sharding.local_pairs(pairs)
         _kernels.copy_([d for d, _ in pairs], [s for _, s in pairs])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step, decay products, and every shadow (fresh copies, normalised
-        keys, shadow dtype). Loadable with ``torch.load(weights_only=True)``."""
+        keys, shadow dtype). Loadable with ``torch.load(weights_only=True)``; a sharded EMA's averages are
+        DTensors or ``FlatRangeShard`` ranges (no collective), for ``torch.distributed.checkpoint``."""
         self._poll(block=True)
         self._check_model_unchanged()
         averages = [

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from polyak._kernels import finite_on_host
 from polyak._select import normalize_key
-from polyak._sharding import is_dtensor
+from polyak._sharding import is_dtensor, is_sharded
 from polyak.ema import EMA
 from polyak.io import _readers, _tree, _writers, peers
 from polyak.io._atomic import check_writable_destination
@@ -84,8 +84,8 @@ def save(
     The format follows the suffix (``.pt``/``.pth``/``.ckpt``/``.bin`` -> torch, else safetensors) unless
     ``format`` is given. A failed write (full disk, kill) leaves the previous file intact.
 
-    Sharded states (an EMA of a model with DTensor parameters, e.g. FSDP2; such a ``model=`` or
-    ``optimizer=``) make ``save`` a collective that every rank must call: it writes one standard file
+    Sharded states (an EMA of a model with DTensor parameters, e.g. FSDP2, or built with ``shard=True``;
+    such a ``model=`` or ``optimizer=``) make ``save`` a collective that every rank must call: it writes one standard file
     from rank 0, gathering one tensor at a time (``"safetensors"``: straight into the file; ``"pt"``:
     into host memory first), and loads into a plain single-process EMA as it is.
     """
@@ -115,18 +115,19 @@ def save(
     return _writers.save_safetensors(path, tensors, metadata)
 
 
-def _any_dtensor(tree: Any) -> bool:
+def _any_sharded(tree: Any) -> bool:
     if isinstance(tree, Mapping):
-        return any(_any_dtensor(v) for v in tree.values())
+        return any(_any_sharded(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):
-        return any(_any_dtensor(v) for v in tree)
-    return is_dtensor(tree)
+        return any(_any_sharded(v) for v in tree)
+    return is_sharded(tree)
 
 
 def _sharded_destination(path: str | os.PathLike[str], payload: Any) -> bool | None:
-    """None when no tensor is a DTensor; else whether this is rank 0, after rank 0 checked ``path`` and
-    every rank learned the outcome (one broadcast), so that no rank waits in a gather that rank 0 left."""
-    if not _any_dtensor(payload):
+    """None when no tensor is sharded (a DTensor, a rank-sharded range); else whether this is rank 0,
+    after rank 0 checked ``path`` and every rank learned the outcome (one broadcast), so that no rank
+    waits in a gather that rank 0 left."""
+    if not _any_sharded(payload):
         return None
     import torch.distributed as dist
 
@@ -144,9 +145,9 @@ def _sharded_destination(path: str | os.PathLike[str], payload: Any) -> bool | N
 
 
 def _gathered(tree: Any, keep: bool) -> Any:
-    """``tree`` with every DTensor gathered, in order, to a full CPU tensor (a collective); the other
-    ranks (``keep=False``) only take part in the gathers."""
-    if is_dtensor(tree):
+    """``tree`` with every sharded tensor (``_sharding.is_sharded``) gathered, in order, to a full CPU
+    tensor (a collective); the other ranks (``keep=False``) only take part in the gathers."""
+    if is_sharded(tree):
         full = tree.full_tensor().cpu()
         return full if keep else None
     if isinstance(tree, Mapping):

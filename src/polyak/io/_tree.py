@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyak._sharding import is_dtensor
+from polyak._sharding import is_sharded
 
 _TENSOR = "__tensor__"
 _DICT = "__dict__"
@@ -55,7 +55,7 @@ def flatten(tree: Any, prefix: str, *, share: bool = True) -> tuple[Any, dict[st
         return name
 
     def walk(node: Any, path: str) -> Any:
-        if is_dtensor(node):  # a sharded tensor: stored whole, gathered when written (_writers)
+        if is_sharded(node):  # a sharded tensor: stored whole, gathered when written (_writers)
             ident = ("dtensor", id(node))
             if share and ident in seen:
                 return {_TENSOR: seen[ident]}

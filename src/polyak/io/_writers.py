@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-from polyak._sharding import is_dtensor
+from polyak._sharding import is_sharded
 from polyak.io._atomic import ChunkedWriter, atomic_writer, write_chunked
 from polyak.io._buffers import host_buffer
 from polyak.io._readers import CHECKSUM_PREFIX, checksum_placeholder
@@ -93,9 +93,9 @@ def _encode_header(header: dict[str, Any]) -> bytes:
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes in C order on the host: a view where it is already a contiguous CPU tensor,
-    else one copy of this tensor only. A DTensor is gathered first (a collective, see
-    ``save_safetensors_from_rank0``)."""
-    if is_dtensor(tensor):
+    else one copy of this tensor only. A sharded tensor (a DTensor, a rank-sharded range) is gathered
+    first (a collective, see ``save_safetensors_from_rank0``)."""
+    if is_sharded(tensor):
         tensor = tensor.full_tensor()  # type: ignore[attr-defined]
     return host_buffer(tensor.detach().to("cpu").contiguous())
 
@@ -132,20 +132,20 @@ def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor]
 def save_safetensors_from_rank0(
     path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str], *, rank0: bool
 ) -> Path:
-    """``save_safetensors`` for tensors of which some are DTensors: a collective every rank must call.
-    Every rank walks the tensors in file order and gathers each DTensor in turn; rank 0 streams them into
+    """``save_safetensors`` for tensors of which some are sharded (``_sharding.is_sharded``): a collective
+    every rank must call. Every rank walks the tensors in file order and gathers each sharded one in turn; rank 0 streams them into
     the file, so it holds at most one full tensor beyond its shards."""
     layout = safetensors_layout(tensors, metadata)  # the same header (and errors) on every rank
     if not rank0:
         for tensor in layout.tensors:
-            if is_dtensor(tensor):
+            if is_sharded(tensor):
                 tensor.full_tensor()  # type: ignore[attr-defined]
         return Path(path)
     read = 0
 
     def counted(tensor: Tensor) -> memoryview:
         nonlocal read
-        if is_dtensor(tensor):
+        if is_sharded(tensor):
             tensor = tensor.full_tensor()  # type: ignore[attr-defined]
         read += 1  # this tensor's gather is done, whatever happens to its bytes
         return _tensor_bytes(tensor)
@@ -157,7 +157,7 @@ def save_safetensors_from_rank0(
         # a failed write (full disk) on rank 0: still take part in the remaining gathers, so that the
         # other ranks finish instead of waiting for rank 0 forever; then raise here
         for tensor in layout.tensors[read:]:
-            if is_dtensor(tensor):
+            if is_sharded(tensor):
                 tensor.full_tensor()  # type: ignore[attr-defined]
         raise
     return Path(path)
