@@ -25,6 +25,7 @@ __all__ = [
     "is_warm",
     "one_file_state",
     "rank0_says",
+    "wait_for_all",
 ]
 
 
@@ -109,6 +110,15 @@ def rank0_says(flag: bool) -> bool:
     box = [flag]
     dist.broadcast_object_list(box, src=0)
     return bool(box[0])
+
+
+def wait_for_all() -> None:
+    """A barrier over the default process group (nothing without one): after a save that rank 0 writes
+    alone, no rank goes on before the file is complete."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 class AveragedSwap:

@@ -51,6 +51,7 @@ from polyak.integrations._callback import (
     is_sharded,
     is_warm,
     rank0_says,
+    wait_for_all,
 )
 
 __all__ = ["CHECKPOINT_FILE", "EMACallback", "load_ema_state", "save_ema_state"]
@@ -209,10 +210,10 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         self._swap_out()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Write the EMA state next to the checkpoint. A sharded EMA (FSDP2) is saved by every rank together
-        (``polyak.save`` gathers one tensor at a time and rank 0 writes), after the ranks agree on rank 0's
-        view of the directory; a replicated one by the process that saves the checkpoint
-        (``args.should_save``)."""
+        """Write the EMA state next to the checkpoint. A sharded EMA (FSDP2, or ``shard=True``) is saved by
+        every rank together (``polyak.save`` gathers one tensor at a time and rank 0 writes) once the ranks
+        agree on rank 0's view of the directory, and every rank returns after the file is written; a
+        replicated EMA is written by the process that saves the checkpoint (``args.should_save``)."""
         self._swap_out()  # never checkpoint averaged weights as the live ones
         if not self.enabled or not self.save_state or self.ema is None:
             return
@@ -228,6 +229,8 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
             log.warning("polyak: checkpoint directory %s not found; EMA state not saved", directory)
             return
         polyak.io.save(os.path.join(directory, CHECKPOINT_FILE), ema_state, format="safetensors")
+        if sharded:  # the other ranks leave the gathers before rank 0 has written the file
+            wait_for_all()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
