@@ -24,8 +24,11 @@ rounds (``time_ratio``: median over rounds of that round's time over the replica
 Several processes share the CPU cores of this machine (with more ranks than cores they take turns), so
 read the memory, the collective counts and the ratios, not the milliseconds.
 
+``--nonfinite ignore`` turns off polyak's NaN check (default ``raise``: every update checks the weights
+it reads), for all three polyak rows.
+
 Usage: python benchmarks/bench_sharded.py [--worlds 1,2,4] [--layers 4] [--width 2048] [--rounds 10]
-       [--json benchmarks/results/sharded.json]
+       [--nonfinite raise] [--json benchmarks/results/sharded.json]
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ class GatherPerUpdate:
         return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
-def make_designs(rank: int, world: int, layers: int, width: int) -> tuple[dict[str, Any], dict[str, str]]:
+def make_designs(world: int, layers: int, width: int, nonfinite: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Each design's ``(update, shadow_bytes)``, and the designs this polyak cannot build (name -> error)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -132,13 +135,13 @@ def make_designs(rank: int, world: int, layers: int, width: int) -> tuple[dict[s
 
     designs: dict[str, Any] = {}
     missing: dict[str, str] = {}
-    replicated = polyak.EMA(ddp, decay=DECAY)
+    replicated = polyak.EMA(ddp, decay=DECAY, nonfinite=nonfinite)
     designs["replicated"] = (replicated.update, state_bytes(replicated), swap(replicated))
     gather = GatherPerUpdate(sharded)
     designs["gather per update"] = (gather.update, gather.shadow_bytes(), gather.swap)
     builders: dict[str, Callable[[], Any]] = {
-        "polyak FSDP2": lambda: polyak.EMA(sharded, decay=DECAY),
-        "polyak DDP shard": lambda: polyak.EMA(ddp, decay=DECAY, shard=True),
+        "polyak FSDP2": lambda: polyak.EMA(sharded, decay=DECAY, nonfinite=nonfinite),
+        "polyak DDP shard": lambda: polyak.EMA(ddp, decay=DECAY, shard=True, nonfinite=nonfinite),
     }
     for name, make in builders.items():
         try:
@@ -170,12 +173,14 @@ def count_collectives(update: Callable[[], None]) -> dict[str, int]:
     return {str(op): int(n) for op, n in comm.get_comm_counts().items() if n}
 
 
-def rank_main(rank: int, world: int, store: str, out: str, layers: int, width: int, rounds: int) -> None:
+def rank_main(
+    rank: int, world: int, store: str, out: str, layers: int, width: int, rounds: int, nonfinite: str
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.set_grad_enabled(False)
-        designs, missing = make_designs(rank, world, layers, width)
+        designs, missing = make_designs(world, layers, width, nonfinite)
         names = list(designs)
         collectives, swap_collectives = {}, {}
         for name in names:  # warm-up (first-touch, lazy state), then one update counted
@@ -209,10 +214,10 @@ def rank_main(rank: int, world: int, store: str, out: str, layers: int, width: i
         dist.destroy_process_group()
 
 
-def run_world(world: int, layers: int, width: int, rounds: int) -> dict[str, Any]:
+def run_world(world: int, layers: int, width: int, rounds: int, nonfinite: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        mp.spawn(rank_main, args=(world, store, tmp, layers, width, rounds), nprocs=world, join=True)
+        mp.spawn(rank_main, args=(world, store, tmp, layers, width, rounds, nonfinite), nprocs=world, join=True)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     names = list(ranks[0]["shadow_bytes"])
     rows: dict[str, Any] = {}
@@ -266,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--nonfinite", default="raise", choices=["raise", "ignore"], help="polyak's NaN check (default: raise)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     model = build_model(args.layers, args.width)
@@ -282,11 +290,12 @@ def main(argv: list[str] | None = None) -> None:
         },
         "model": {"layers": args.layers, "width": args.width, "params": params, "fp32_bytes": 4 * params},
         "decay": DECAY,
+        "nonfinite": args.nonfinite,
         "rounds": args.rounds,
         "worlds": [],
     }
     for world in (int(w) for w in args.worlds.split(",")):
-        entry = run_world(world, args.layers, args.width, args.rounds)
+        entry = run_world(world, args.layers, args.width, args.rounds, args.nonfinite)
         report["worlds"].append(entry)
         for name, error in entry["unavailable"].items():
             print(f"world {world}: {name} unavailable in this polyak ({error})")
