@@ -16,7 +16,10 @@ import torch.distributed.checkpoint as dcp
 import polyak
 from polyak.io import _atomic
 from tests.distributed.harness import mesh_1d, requires_distributed, run_world
-from tests.distributed.test_fsdp import DECAYS, STEPS, _data, _model, _step
+from tests.distributed.test_fsdp import _model
+from tests.distributed.toy import DECAYS, STEPS
+from tests.distributed.toy import batches as _data
+from tests.distributed.toy import sgd_step as _step
 
 # DCP warns when it runs without a process group, which is what these tests ask of it
 single_process = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

@@ -13,27 +13,15 @@ from torch import nn
 
 import polyak
 from tests.distributed.harness import mesh_1d, requires_distributed, run_world
-
-STEPS = 5
-DECAYS = [0.9, 0.5]
-BATCH = 12  # divisible by 2 and 3
+from tests.distributed.toy import DECAYS, STEPS
+from tests.distributed.toy import batches as _data
+from tests.distributed.toy import sgd_step as _step
 
 
 def _model(hidden: int = 5) -> nn.Module:
     torch.manual_seed(0)
     # dims 5 and 1: shards of 3/2 rows at world 2, and an empty shard of the (1, 5) weight on rank 1
     return nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(STEPS, BATCH, 5, generator=gen), torch.randn(STEPS, BATCH, 1, generator=gen)
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    opt.zero_grad()
-    nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
 
 
 def _reference(hidden: int = 5) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from polyak._rank_shard import (
     tensor_ranges,
 )
 from polyak._readers import plan_reader
+from tests.distributed.toy import Net as _Net
 
 shapes_st = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6)
 
@@ -125,17 +126,6 @@ def test_flat_boxes_worked_example() -> None:
     ]
     assert flat_boxes((), 0, 1)[0].sizes == ()
     assert flat_boxes((4, 4), 3, 3) == []
-
-
-class _Net(nn.Module):
-    """Dims 5 and 1 so that shards are uneven and empty."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(5, 5)
-        self.b = nn.Linear(5, 1)
-        self.s = nn.Parameter(torch.tensor(0.5))
-        self.big = nn.Parameter(torch.randn(3, 7, 2))
 
 
 def _step(model: nn.Module, g: torch.Generator) -> None:

@@ -19,10 +19,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import polyak
 from polyak._rank_shard import FlatRangeShard
 from tests.distributed.harness import mesh_1d, requires_distributed, run_world
+from tests.distributed.toy import DECAYS, STEPS
+from tests.distributed.toy import batches as _data
+from tests.distributed.toy import sgd_step as _step
 
-STEPS = 5
-DECAYS = [0.9, 0.5]
-BATCH = 12  # divisible by 2 and 3
 PARAMETERS = {f"{m}.{p}" for m in ("a", "bn", "b", "head") for p in ("weight", "bias")}
 
 # DCP warns when it runs without a process group, which is what the world-1 loads ask of it
@@ -47,17 +47,6 @@ class _Net(nn.Module):
 def _model(bn: bool = True) -> nn.Module:
     torch.manual_seed(0)
     return _Net(bn)
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(STEPS, BATCH, 5, generator=gen), torch.randn(STEPS, BATCH, 1, generator=gen)
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    opt.zero_grad()
-    nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
 
 
 def _comms(fn: Any) -> tuple[int, Any]:

@@ -27,19 +27,8 @@ from polyak._rank_shard import (
 )
 from polyak._readers import Reader, plan_reader
 from tests.distributed.harness import requires_distributed, run_world
-
-DECAYS = [0.9, 0.5]
-
-
-class _Net(nn.Module):
-    """Dims 5 and 1 so that shards are uneven and some ranks hold none of a tensor."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(5, 5)
-        self.b = nn.Linear(5, 1)
-        self.s = nn.Parameter(torch.tensor(0.5))
-        self.big = nn.Parameter(torch.randn(3, 7, 2))
+from tests.distributed.toy import DECAYS
+from tests.distributed.toy import Net as _Net
 
 
 def _replicated(seed: int) -> tuple[nn.Module, EMA]:
