@@ -3,8 +3,8 @@ trains the same model on the whole batch: FSDP2 (DTensor shards) and DDP with ``
 rank keeps a slice of every shadow group).
 
 Lightning: a real ``Trainer`` with ``ModelParallelStrategy`` (``configure_model`` calls ``fully_shard``)
-or ``DDPStrategy``, run inside the ranks that ``run_world`` starts (Lightning sees ``LOCAL_RANK`` and an initialised process
-group, so it launches nothing). Hugging Face: accelerate enables FSDP only on accelerators (on a CPU its
+or ``DDPStrategy``, run inside the ranks that ``run_world`` starts (Lightning sees ``LOCAL_RANK`` and an
+initialised process group, so it launches nothing). Hugging Face: accelerate enables FSDP only on accelerators (on a CPU its
 ``Trainer`` silently falls back to DDP), so the test drives the callback's own event methods, in the order
 the ``Trainer`` calls them, around a training loop on an FSDP2 model: every engine call the callback makes
 (build, update, swap in/out, save, resume, copy at the end) runs under real sharding.

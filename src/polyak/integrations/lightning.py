@@ -53,12 +53,13 @@ class EMACallback(Callback):
     - ``save_averaged_at_end=True`` copies the averaged weights into the module when training ends, so
       ``trainer.save_checkpoint``/``torch.save(module.state_dict())`` afterwards store the averaged model;
     - ``enabled=False`` does nothing at all: training is bit-identical to a run without the callback;
-    - sharded models (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``): the EMA is
-      built at ``on_fit_start`` (or the validate/test/predict start), after ``configure_model``, so each
-      rank averages its local shards with no collective; Lightning runs every hook used here on every
-      rank, as the collectives need (a forward on the averaged weights, gathering the averages for a
-      checkpoint). Lightning writes the callback state from rank 0 only, so the checkpoint holds the full
-      average, gathered one tensor at a time to rank 0's CPU; on resume each rank takes its part.
+    - sharded models (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``, or
+      ``shard=True`` under DDP): the EMA is built at ``on_fit_start`` (or the validate/test/predict start),
+      after ``configure_model``, so each rank averages its own part with no collective; Lightning runs every
+      hook used here on every rank, as the collectives need (evaluating on the averaged weights, gathering
+      the averages for a checkpoint). Lightning writes the callback state from rank 0 only, so the
+      checkpoint holds the full average, gathered one tensor at a time to rank 0's CPU; on resume each rank
+      takes its part.
 
     Compared with Lightning's own ``WeightAveraging``/``EMAWeightAveraging`` (lightning 2.6), which keep a
     deep copy (``AveragedModel``), swap parameters with the live model by position (zip order) and swap
@@ -124,7 +125,7 @@ class EMACallback(Callback):
         / ``test`` / ``predict`` without ``fit`` build it at their start hook."""
         if not self.enabled or self.ema is not None:
             return
-        with torch.inference_mode(False):  # test/predict hooks run in inference mode; the averages must not
+        with torch.inference_mode(False):  # test/predict hooks run in inference mode; the averages must not be
             self.ema = build_ema(pl_module, self.decay, self.index, **self.ema_kwargs)
             self._last_global_step = trainer.global_step
             if self._pending_state is not None:  # a checkpoint restored before the model was set up
