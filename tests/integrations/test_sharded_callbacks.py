@@ -368,6 +368,7 @@ def _hf_trainer_rank(rank: int, world: int, folder: str) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.slow  # a real Trainer in two processes; the callback events above cover the same engine calls
 @requires_distributed
 def test_hugging_face_trainer_under_ddp_with_a_sharded_ema_equals_a_replicated_one(tmp_path: Path) -> None:
     """A real ``Trainer`` (accelerate's DDP on a CPU): ``EMACallback(shard=True)`` evaluates, checkpoints and
