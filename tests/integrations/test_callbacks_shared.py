@@ -36,7 +36,7 @@ class Tiny(pl.LightningModule):
 
 def build_lightning(cb: Any) -> EMA:
     module = Tiny()
-    cb.setup(SimpleNamespace(global_step=0), module, "fit")
+    cb.on_fit_start(SimpleNamespace(global_step=0), module)
     assert cb.ema is not None
     return cb.ema
 

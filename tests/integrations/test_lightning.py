@@ -210,7 +210,7 @@ def test_model_checkpoint_keeps_the_best_averaged_epoch(tmp_path: Path) -> None:
     model = Regressor()
     model.load_state_dict(stored["state_dict"])
     cb2 = EMACallback(decay=0.9)
-    cb2.setup(trainer(), model, "validate")
+    cb2.on_validation_start(trainer(), model)
     assert cb2.ema is not None
     cb2.ema.load_state_dict(stored["polyak_ema"]["ema"])
     with cb2.ema.apply():
@@ -248,3 +248,38 @@ def test_save_averaged_at_end_and_argument_errors() -> None:
         EMACallback(update_bn=0)
     with pytest.raises(ValueError, match="eval_start_step must be"):
         EMACallback(eval_start_step=-1)
+
+
+class LazyRegressor(Regressor):
+    """Lightning's documented ``configure_model`` pattern: the layers are created there (as under
+    ``ModelParallelStrategy``, where ``fully_shard`` replaces every parameter there), after the callbacks'
+    ``setup`` hook has run."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.lr = 0.05
+        self.net: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def test_the_ema_is_built_after_configure_model() -> None:
+    """Fails on the callback that built the EMA in ``setup``: the module had no parameters yet."""
+    eager_cb, lazy_cb = EMACallback(decay=0.8), EMACallback(decay=0.8)
+    fit([eager_cb], max_epochs=1)
+    lazy = LazyRegressor()
+    t = trainer(callbacks=[lazy_cb], max_epochs=1)
+    t.fit(lazy, *loaders())
+    assert eager_cb.ema is not None
+    assert lazy_cb.ema is not None
+    assert lazy_cb.ema.step == eager_cb.ema.step == 8
+    want, got = eager_cb.ema.averaged_state_dict(), lazy_cb.ema.averaged_state_dict()
+    assert sorted(want) == sorted(got)
+    for k, v in want.items():
+        assert torch.equal(v, got[k]), k
+    (result,) = t.test(lazy, DataLoader(VAL, batch_size=8), verbose=False)
+    with lazy_cb.ema.apply():
+        assert result["test_loss"] == pytest.approx(manual_val_loss(lazy), rel=1e-6)

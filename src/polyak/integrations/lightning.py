@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from polyak.bn import update_bn as _update_bn
 from polyak.ema import EMA, DecayLike
-from polyak.integrations._callback import AveragedSwap, build_ema, check_index, check_start, is_warm
+from polyak.integrations._callback import AveragedSwap, build_ema, check_index, check_start, is_warm, one_file_state
 
 __all__ = ["EMACallback"]
 
@@ -52,7 +52,14 @@ class EMACallback(Callback):
       restored afterwards;
     - ``save_averaged_at_end=True`` copies the averaged weights into the module when training ends, so
       ``trainer.save_checkpoint``/``torch.save(module.state_dict())`` afterwards store the averaged model;
-    - ``enabled=False`` does nothing at all: training is bit-identical to a run without the callback.
+    - ``enabled=False`` does nothing at all: training is bit-identical to a run without the callback;
+    - sharded models (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``, or
+      ``shard=True`` under DDP): the EMA is built at ``on_fit_start`` (or the validate/test/predict start),
+      after ``configure_model``, so each rank averages its own part with no collective; Lightning runs every
+      hook used here on every rank, as the collectives need (evaluating on the averaged weights, gathering
+      the averages for a checkpoint). Lightning writes the callback state from rank 0 only, so the
+      checkpoint holds the full average, gathered one tensor at a time to rank 0's CPU; on resume each rank
+      takes its part.
 
     Compared with Lightning's own ``WeightAveraging``/``EMAWeightAveraging`` (lightning 2.6), which keep a
     deep copy (``AveragedModel``), swap parameters with the live model by position (zip order) and swap
@@ -110,14 +117,34 @@ class EMACallback(Callback):
         self._both_warm = False  # this validation epoch runs the averaged pass too
 
     # --- building and updating ---------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the EMA once the strategy has set the model up: after ``configure_model`` (where
+        ``ModelParallelStrategy`` users call ``fully_shard``, which replaces every parameter by a DTensor)
+        and after the move to the device. Lightning calls the callback's ``setup`` before both, so an EMA
+        built there would average the unsharded parameters that sharding then discards. ``trainer.validate``
+        / ``test`` / ``predict`` without ``fit`` build it at their start hook."""
         if not self.enabled or self.ema is not None:
             return
-        self.ema = build_ema(pl_module, self.decay, self.index, **self.ema_kwargs)
-        self._last_global_step = trainer.global_step
-        if self._pending_state is not None:
-            self._load(self._pending_state)
-            self._pending_state = None
+        with torch.inference_mode(False):  # test/predict hooks run in inference mode; the averages must not be
+            self.ema = build_ema(pl_module, self.decay, self.index, **self.ema_kwargs)
+            self._last_global_step = trainer.global_step
+            if self._pending_state is not None:  # a checkpoint restored before the model was set up
+                self._load(self._pending_state)
+                self._pending_state = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._build(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._build(trainer, pl_module)  # trainer.validate() without fit
+        if self.ema is not None and self.validate_both and self.update_bn:
+            log.warning("polyak: update_bn is not applied with validate_both=True (statistics are per batch pass)")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._build(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._build(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -199,10 +226,6 @@ class EMACallback(Callback):
             self._both_warm = False
         self._swap_out()
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ema is not None and self.validate_both and self.update_bn:
-            log.warning("polyak: update_bn is not applied with validate_both=True (statistics are per batch pass)")
-
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(trainer, pl_module)
 
@@ -223,8 +246,9 @@ class EMACallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.ema is not None:
-            checkpoint[CHECKPOINT_KEY] = {"ema": self.ema.state_dict(), "last_global_step": self._last_global_step}
+        if self.ema is not None:  # sharded: every rank gathers, rank 0 writes the file
+            state = one_file_state(self.ema.state_dict())
+            checkpoint[CHECKPOINT_KEY] = {"ema": state, "last_global_step": self._last_global_step}
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -22,6 +22,13 @@ How it fits the Trainer's loop (transformers 4.x/5.x callback events):
   evaluated on the averaged weights (the Trainer fires ``on_evaluate`` after each one, with no event
   between the last one and the checkpoint save: the hook is what catches that save);
 - ``on_save`` writes the EMA state next to the Trainer's checkpoint files.
+
+Sharded models (FSDP2 through accelerate): the Trainer shards the model before ``on_train_begin``, so the
+EMA averages each rank's local shards with no collective. The Trainer fires every event on every rank;
+the events that communicate are the evaluation on the averaged weights (the model's own forward gathers
+them), ``on_save`` (``polyak.save`` gathers one tensor at a time and rank 0 writes one standard file;
+the ranks follow rank 0's view of the checkpoint directory) and, with ``swap_at_end``, nothing more
+(each rank copies its own averaged shards). On resume every rank reads the file and takes its part.
 """
 
 from __future__ import annotations
@@ -36,7 +43,16 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 import polyak.io
 from polyak.ema import EMA, DecayLike
-from polyak.integrations._callback import AveragedSwap, build_ema, check_index, check_start, is_warm
+from polyak.integrations._callback import (
+    AveragedSwap,
+    build_ema,
+    check_index,
+    check_start,
+    is_sharded,
+    is_warm,
+    rank0_says,
+    wait_for_all,
+)
 
 __all__ = ["CHECKPOINT_FILE", "EMACallback", "load_ema_state", "save_ema_state"]
 
@@ -47,13 +63,15 @@ CHECKPOINT_FILE = "polyak_ema.safetensors"
 
 def save_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
     """Write ``ema`` to ``path`` as a polyak safetensors checkpoint (``polyak.save``: atomic, fsynced,
-    with a sha256 of the tensor bytes; ``polyak inspect`` reads it)."""
+    with a sha256 of the tensor bytes; ``polyak inspect`` reads it). For an EMA of a sharded model (FSDP2)
+    this is a collective that every rank must call; rank 0 writes the one file."""
     polyak.io.save(path, ema, format="safetensors")
 
 
 def load_ema_state(ema: EMA, path: str | os.PathLike[str]) -> None:
     """Restore a file written by :func:`save_ema_state` into ``ema`` (validated before anything changes;
-    no pickle)."""
+    no pickle). An EMA of a sharded model takes each rank's part of the full tensors: every rank reads the
+    file."""
     checkpoint = polyak.io.read(path)
     if checkpoint.kind != "polyak" or checkpoint.ema is None:
         raise ValueError(
@@ -192,14 +210,27 @@ class EMACallback(TrainerCallback):  # type: ignore[misc]
         self._swap_out()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Write the EMA state next to the checkpoint. A sharded EMA (FSDP2, or ``shard=True``) is saved by
+        every rank together (``polyak.save`` gathers one tensor at a time and rank 0 writes) once the ranks
+        agree on rank 0's view of the directory, and every rank returns after the file is written; a
+        replicated EMA is written by the process that saves the checkpoint (``args.should_save``)."""
         self._swap_out()  # never checkpoint averaged weights as the live ones
         if not self.enabled or not self.save_state or self.ema is None:
             return
+        ema_state = self.ema.state_dict()
+        sharded = is_sharded(ema_state)
+        if not sharded and not getattr(args, "should_save", True):
+            return
         directory = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
-        if not os.path.isdir(directory):
+        exists = os.path.isdir(directory)
+        if sharded:  # no rank may skip the gathers that rank 0 waits in
+            exists = rank0_says(exists)
+        if not exists:
             log.warning("polyak: checkpoint directory %s not found; EMA state not saved", directory)
             return
-        save_ema_state(self.ema, os.path.join(directory, CHECKPOINT_FILE))
+        polyak.io.save(os.path.join(directory, CHECKPOINT_FILE), ema_state, format="safetensors")
+        if sharded:  # the other ranks leave the gathers before rank 0 has written the file
+            wait_for_all()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
