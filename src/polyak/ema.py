@@ -153,14 +153,7 @@ class EMA:
             flatten=flatten,
             capturable=capturable,
         )
-        self._config = config
-        # the settings, as attributes for the user and the saved state's config (the engine reads _config)
-        self.schedules = config.schedules
-        self.start_step, self.update_every = config.start_step, config.update_every
-        self.buffers: BufferPolicy = config.buffers
-        self.dtype, self.device = config.dtype, config.device
-        self.debias, self.flatten, self.capturable = config.debias, config.flatten, config.capturable
-        self.nonfinite = config.nonfinite
+        self._config = config  # the settings, read-only below: the engine was planned for them
         self.model = model
         self.skipped_updates = 0  # updates refused by nonfinite="skip" (and reported)
         self._applied = False
@@ -171,6 +164,48 @@ class EMA:
         self._watch = engine.watch
         self._groups: list[Group] = engine.groups
         self._ledger = ledger(self._groups, config, on_cuda=self._check_on_device())  # host or device counters
+
+    # --- the settings: fixed when the EMA is built (assigning one raises; build a new EMA instead) -------
+    @property
+    def schedules(self) -> tuple[Callable[[int], float], ...]:
+        """One decay schedule per average (a float ``decay`` becomes ``schedules.constant``)."""
+        return self._config.schedules
+
+    @property
+    def start_step(self) -> int:
+        return self._config.start_step
+
+    @property
+    def update_every(self) -> int:
+        return self._config.update_every
+
+    @property
+    def buffers(self) -> BufferPolicy:
+        return self._config.buffers
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self._config.dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        return self._config.device
+
+    @property
+    def debias(self) -> bool:
+        return self._config.debias
+
+    @property
+    def nonfinite(self) -> NonFinitePolicy:
+        return self._config.nonfinite
+
+    @property
+    def flatten(self) -> bool:
+        return self._config.flatten
+
+    @property
+    def capturable(self) -> bool:
+        return self._config.capturable
 
     def _check_on_device(self) -> bool:
         """True when the finiteness flag lives on a CUDA device (read it later, never in update())."""

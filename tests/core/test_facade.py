@@ -57,3 +57,17 @@ def test_a_plain_model_gets_the_identity_placement() -> None:
     state: dict[str, object] = {"a": 1}
     assert storage.full(state) is state
     assert storage.localize(state) is state
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("nonfinite", "skip"), ("debias", True), ("update_every", 2), ("start_step", 5), ("capturable", True)],
+)
+def test_settings_are_read_only_after_construction(name: str, value: object) -> None:
+    """The engine is planned for its settings when the EMA is built: assigning one later raises instead of
+    being silently ignored."""
+    ema = polyak.EMA(nn.Linear(3, 2), decay=0.9)
+    before = getattr(ema, name)
+    with pytest.raises(AttributeError):
+        setattr(ema, name, value)
+    assert getattr(ema, name) == before
