@@ -16,7 +16,7 @@ pointing at them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from polyak._decide import Decision, TensorDecision
 
-__all__ = ["Counters", "DeviceCounters", "advance", "compute_dtype", "refusal_message"]
+__all__ = ["Counters", "DeviceCounters", "Ledger", "advance", "compute_dtype", "refusal_message"]
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -187,6 +187,62 @@ class DeviceCounters:
         self.last_refused.zero_()
         self.reported = 0
         self._in_flight = None
+
+
+@dataclass
+class Ledger:
+    """One EMA's counters where they live: the host record ``host``, and ``device`` when the counters live
+    on the device (``capturable=True``, or a CUDA model with the NaN check), which then holds the truth;
+    ``host`` is refreshed by ``poll(block=True)``. Without ``capturable`` the host counts the calls itself
+    (``host.step`` is the truth), so ``update()`` decides from a host step with no device read."""
+
+    host: Counters
+    device: DeviceCounters | None = None
+    capturable: bool = False
+
+    def read(self) -> Counters:
+        """The counters on the host (a sync when they live on the device; refusals not acted on)."""
+        if self.device is None:
+            return self.host
+        read = self.device.read()
+        return read if self.capturable else replace(read, step=self.host.step)
+
+    def set(self, **values: Any) -> None:
+        """Overwrite counters (a load): on the host, and in place on the device; no refusal pending."""
+        self.host = replace(self.read(), refused=0, last_refused=0, **values)
+        if self.device is not None:
+            self.device.load(self.host.step, self.host.products, self.host.last_decays)
+
+    def advance(self, decision: Decision | TensorDecision, ok: bool | Tensor) -> None:
+        """``advance`` where the counters live (a device flag ``ok`` also starts the refusal copy)."""
+        if self.device is None:
+            self.host = advance(self.host, decision, ok)
+            return
+        self.device.advance_(decision, ok)
+        if not self.capturable:
+            self.host = replace(self.host, step=self.host.step + 1)
+            if isinstance(ok, Tensor):
+                self.device.start_refusal_copy()
+
+    def unreported(self, *, block: bool) -> tuple[int, int]:
+        """``(count, last step)`` of the refusals counted on the device that the host has not acted on yet,
+        now marked reported: all of them, waiting for the device, when ``block``; else only what an
+        earlier copy already brought over. ``(0, 0)`` when there are none (or no device counters)."""
+        state = self.device
+        if state is None:
+            return 0, 0
+        if block:
+            self.host = self.read()
+            refused, last = int(self.host.refused), int(self.host.last_refused)
+        else:
+            landed = state.landed_refusals()
+            if landed is None:
+                return 0, 0
+            refused, last = landed
+        if refused <= state.reported:
+            return 0, 0
+        count, state.reported = refused - state.reported, refused
+        return count, last
 
 
 def refusal_message(bad: list[str] | None, step: int, count: int) -> tuple[str, str]:

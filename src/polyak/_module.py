@@ -15,7 +15,25 @@ from torch import Tensor, nn
 
 from polyak._select import Selected
 
-__all__ = ["averaged_module", "unwrap"]
+__all__ = ["averaged_module", "check_shadows_shareable", "unwrap"]
+
+
+def check_shadows_shareable(split: str | None, *, debias: bool) -> None:
+    """A ValueError saying what to use instead where ``EMA.module()`` cannot share the shadows: each rank
+    holds only a part of them (``split`` says which, ``polyak._placement``), or they are not the average
+    (``debias=True``)."""
+    if split is not None:
+        raise ValueError(
+            f"ema.module() builds a module over the shadows, but this EMA averages {split}"
+            ": each rank holds only its local part. Evaluate with `with ema.apply():` (the averaged weights "
+            "are gathered into the model), or get the full average with ema.averaged_state_dict(full=True) "
+            "and load it into a copy of the model"
+        )
+    if debias:
+        raise ValueError(
+            "ema.module() shares the shadow storage, but with debias=True the shadows are not the average "
+            "(it is shadow / (1 - prod(beta))); use ema.copy_to(model_copy) or ema.averaged_state_dict()"
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

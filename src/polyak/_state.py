@@ -21,6 +21,7 @@ shadow carries no information, and the average is the live weight (``debiased``)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,6 +32,8 @@ from torch import Tensor
 from polyak._kernels import finite_on_host
 from polyak._select import normalize_key
 from polyak._validate import as_bool, as_float, as_int
+
+log = logging.getLogger("polyak")
 
 __all__ = [
     "STATE_FORMAT",
@@ -268,6 +271,18 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
         for name in _COMPARED_SETTINGS
         if name in saved and name in current and saved[name] != current[name]
     ]
+
+
+def warn_on_config_change(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Log (once per load) the settings that differ from the saved ones: the EMA keeps its own, as an
+    optimizer built with a new learning rate would, but a silent change of decay on resume is a
+    common mistake."""
+    changed = config_changes(saved, current)
+    if changed:
+        log.warning(
+            "polyak: loading an EMA state saved with other settings (%s); this EMA continues with its own",
+            "; ".join(changed),
+        )
 
 
 def check_index(index: object, num_averages: int) -> int:
