@@ -7,16 +7,14 @@ the full-batch step (up to the order of the all-reduce sum): the EMA of each ran
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import polyak
+from tests.distributed.harness import requires_distributed, run_world
 
 WORLD = 2
 STEPS = 6
@@ -45,22 +43,16 @@ def _train(model: nn.Module, ema: polyak.EMA, rank: int | None) -> None:
         ema.update()
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        model = nn.parallel.DistributedDataParallel(_model())
-        ema = polyak.EMA(model, decay=0.8)
-        _train(model, ema, rank)
-        torch.save(ema.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_run(rank: int, world: int) -> dict[str, Any]:
+    model = nn.parallel.DistributedDataParallel(_model())
+    ema = polyak.EMA(model, decay=0.8)
+    _train(model, ema, rank)
+    return ema.state_dict()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@requires_distributed
 def test_each_ddp_rank_averages_like_one_process_on_the_whole_batch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    states = run_world(_ddp_run, WORLD, tmp_path)
     averages = [s["averages"][0] for s in states]
     assert sorted(averages[0]) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # no "module." prefix
     for key in averages[0]:  # DDP keeps the parameters equal on every rank, so the averages are too
@@ -79,37 +71,31 @@ def test_each_ddp_rank_averages_like_one_process_on_the_whole_batch(tmp_path: Pa
         assert torch.equal(value, averages[0][key]), key
 
 
-def _fsdp2_worker(rank: int, store: str, out: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
+def _fsdp2_run(rank: int, world: int) -> list[str]:
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    from tests.distributed.harness import mesh_1d
+
     errors: list[str] = []
+    mesh = mesh_1d(world)
+    sharded = fully_shard(_model(), mesh=mesh)
+    polyak.EMA(sharded, decay=0.8)  # after fully_shard: each rank averages its DTensor shards
+    model = _model()
+    ema = polyak.EMA(model, decay=0.8)
+    fully_shard(model, mesh=mesh)  # swaps every parameter behind the registration hooks
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 3)).backward()
+    opt.step()
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        sharded = fully_shard(_model(), mesh=mesh)
-        polyak.EMA(sharded, decay=0.8)  # after fully_shard: each rank averages its DTensor shards
-        model = _model()
-        ema = polyak.EMA(model, decay=0.8)
-        fully_shard(model, mesh=mesh)  # swaps every parameter behind the registration hooks
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        nn.functional.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 3)).backward()
-        opt.step()
-        try:
-            ema.update()
-        except ValueError as exc:
-            errors.append(str(exc))
-        if rank == 0:
-            Path(out, "errors.txt").write_text("\n".join(errors))
-    finally:
-        dist.destroy_process_group()
+        ema.update()
+    except ValueError as exc:
+        errors.append(str(exc))
+    return errors
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@requires_distributed
 def test_fsdp2_sharded_parameters_are_averaged_and_a_later_fully_shard_is_caught(tmp_path: Path) -> None:
-    mp.spawn(_fsdp2_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    errors = (tmp_path / "errors.txt").read_text().splitlines()
+    errors = run_world(_fsdp2_run, WORLD, tmp_path)[0]
     assert len(errors) == 1
     # not averaging frozen copies
     assert "parameter '0.weight' became a DTensor" in errors[0]

@@ -4,16 +4,14 @@ the plain student. A sharded (FSDP2) student is refused with a clear error."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import polyak
+from tests.distributed.harness import mesh_1d, requires_distributed, run_world
 
 WORLD = 2
 STEPS = 6
@@ -38,33 +36,25 @@ def _train(student: nn.Module, teacher: polyak.Teacher, rank: int | None) -> Non
         opt.step()
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+def _run(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    student = nn.parallel.DistributedDataParallel(_student())
+    teacher = polyak.Teacher(student, momentum=0.8)  # built after wrapping: every rank starts alike
+    assert isinstance(teacher.module, nn.Sequential)
+    _train(student, teacher, rank)
+    errors = []
     try:
-        student = nn.parallel.DistributedDataParallel(_student())
-        teacher = polyak.Teacher(student, momentum=0.8)  # built after wrapping: every rank starts alike
-        assert isinstance(teacher.module, nn.Sequential)
-        _train(student, teacher, rank)
-        torch.save(teacher.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-        errors = []
-        try:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            polyak.Teacher(fully_shard(_student(), mesh=init_device_mesh("cpu", (WORLD,))))
-        except ValueError as exc:
-            errors.append(str(exc))
-        if rank == 0:
-            Path(out, "errors.txt").write_text("\n".join(errors))
-    finally:
-        dist.destroy_process_group()
+        polyak.Teacher(fully_shard(_student(), mesh=mesh_1d(world)))
+    except ValueError as exc:
+        errors.append(str(exc))
+    return {"state": teacher.state_dict(), "errors": "\n".join(errors)}
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@requires_distributed
 def test_ddp_teacher_pairs_by_name_and_matches_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    results = run_world(_run, WORLD, tmp_path)
+    states = [r["state"] for r in results]
     assert sorted(k for k in states[0] if k.startswith("average.")) == [
         "average.0.bias",
         "average.0.weight",
@@ -83,6 +73,6 @@ def test_ddp_teacher_pairs_by_name_and_matches_one_process(tmp_path: Path) -> No
     plain = polyak.Teacher(_student(), momentum=0.8)
     plain.load_state_dict(states[0])
     assert plain.step == STEPS
-    errors = (tmp_path / "errors.txt").read_text()
+    errors = results[0]["errors"]
     assert "are DTensors" in errors, errors
     assert "with ema.apply():" in errors, errors
