@@ -64,3 +64,12 @@ def mesh_1d(world: int) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cpu", (world,))
+
+
+def collectives(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """``(number of collectives fn issued, fn())``, counted with ``CommDebugMode``."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as comm:
+        out = fn()
+    return int(comm.get_total_counts()), out

@@ -17,7 +17,7 @@ import polyak
 from polyak.io import _atomic
 from tests.distributed.harness import mesh_1d, requires_distributed, run_world
 from tests.distributed.test_fsdp import _model
-from tests.distributed.toy import DECAYS, STEPS
+from tests.distributed.toy import DECAYS, STEPS, train_whole_batches
 from tests.distributed.toy import batches as _data
 from tests.distributed.toy import sgd_step as _step
 
@@ -35,14 +35,7 @@ def _full_state(ema: polyak.EMA) -> dict[str, Any]:
 
 
 def _trained_plain(steps: int) -> polyak.EMA:
-    model = _model()
-    ema = polyak.EMA(model, decay=DECAYS)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    xs, ys = _data()
-    for i in range(steps):
-        _step(model, opt, xs[i], ys[i])
-        ema.update()
-    return ema
+    return train_whole_batches(_model(), steps)
 
 
 def _sharded(world: int) -> tuple[torch.nn.Module, polyak.EMA]:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import polyak
-from tests.distributed.harness import mesh_1d, requires_distributed, run_world
-from tests.distributed.toy import DECAYS, STEPS
+from tests.distributed.harness import collectives, mesh_1d, requires_distributed, run_world
+from tests.distributed.toy import DECAYS, STEPS, train_whole_batches
 from tests.distributed.toy import batches as _data
 from tests.distributed.toy import sgd_step as _step
 
@@ -27,23 +27,11 @@ def _model(hidden: int = 5) -> nn.Module:
 def _reference(hidden: int = 5) -> dict[str, Any]:
     """A single-process EMA of the same model trained on the whole batch."""
     model = _model(hidden)
-    ema = polyak.EMA(model, decay=DECAYS)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    xs, ys = _data()
-    for i in range(STEPS):
-        _step(model, opt, xs[i], ys[i])
-        ema.update()
+    ema = train_whole_batches(model)
+    xs, _ = _data()
     with ema.apply(1):
         out1 = model(xs[0]).detach()
     return {"avg": [ema.averaged_state_dict(k) for k in range(2)], "out1": out1, "live": model(xs[0]).detach()}
-
-
-def _count_comms(fn: Any) -> int:
-    from torch.distributed.tensor.debug import CommDebugMode
-
-    with CommDebugMode() as comm:
-        fn()
-    return int(comm.get_total_counts())
 
 
 def _is_dtensor(t: object) -> bool:
@@ -66,7 +54,7 @@ def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
     counts = []
     for i in range(STEPS):
         _step(model, opt, xs[i].chunk(world)[rank], ys[i].chunk(world)[rank])
-        counts.append(_count_comms(ema.update))
+        counts.append(collectives(ema.update)[0])
     assert counts == [0] * STEPS, counts
     readers = [g.reader for g in ema._groups]
     with torch.no_grad():  # built after a no_grad forward, which left the root's parameters unsharded
@@ -118,7 +106,7 @@ def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
 
     # "raise" and "ignore" issue no collective; "skip" agrees with ONE all-reduce when one rank sees a NaN
     ema_ignore = polyak.EMA(model, decay=0.9, nonfinite="ignore")
-    assert _count_comms(ema_ignore.update) == 0
+    assert collectives(ema_ignore.update)[0] == 0
     ema_skip = polyak.EMA(model, decay=0.9, nonfinite="skip")
     on_device = polyak.EMA(model, decay=0.9, nonfinite="skip", capturable=True)  # the flag stays a tensor
     saved = ema_skip.state_dict()
@@ -126,7 +114,7 @@ def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
     if rank == 1:
         with torch.no_grad():
             local[0, 0] = float("nan")
-    out["skip_comms"] = _count_comms(ema_skip.update)
+    out["skip_comms"] = collectives(ema_skip.update)[0]
     assert ema_skip.skipped_updates == 1, ema_skip.skipped_updates
     on_device.update()
     on_device.synchronize()
@@ -211,7 +199,7 @@ def _train_and_gather(model: nn.Module, rank: int, shards: int) -> dict[str, Any
     for i in range(STEPS):
         part = rank % shards
         _step(model, opt, xs[i].chunk(shards)[part], ys[i].chunk(shards)[part])
-        counts.append(_count_comms(ema.update))
+        counts.append(collectives(ema.update)[0])
     with ema.apply(1), torch.no_grad():
         out1 = model(xs[0])
     placements = [str(tuple(p.placements)) for p in model.parameters()]

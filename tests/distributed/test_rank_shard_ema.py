@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import polyak
 from polyak._rank_shard import FlatRangeShard
-from tests.distributed.harness import mesh_1d, requires_distributed, run_world
-from tests.distributed.toy import DECAYS, STEPS
+from tests.distributed.harness import collectives, mesh_1d, requires_distributed, run_world
+from tests.distributed.toy import DECAYS, STEPS, train_whole_batches
 from tests.distributed.toy import batches as _data
 from tests.distributed.toy import sgd_step as _step
 
@@ -49,22 +49,10 @@ def _model(bn: bool = True) -> nn.Module:
     return _Net(bn)
 
 
-def _comms(fn: Any) -> tuple[int, Any]:
-    with CommDebugMode() as comm:
-        out = fn()
-    return int(comm.get_total_counts()), out
-
-
 def _single_process() -> list[dict[str, torch.Tensor]]:
     """A single-process EMA of the same model trained on the whole batch (without the BatchNorm, which
     normalises each DDP rank's part of the batch by its own statistics)."""
-    model = _model(bn=False)
-    ema = polyak.EMA(model, decay=DECAYS)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    xs, ys = _data()
-    for i in range(STEPS):
-        _step(model, opt, xs[i], ys[i])
-        ema.update()
+    ema = train_whole_batches(_model(bn=False))
     return [ema.averaged_state_dict(k) for k in range(len(DECAYS))]
 
 
@@ -79,7 +67,7 @@ def _trained(rank: int, world: int, bn: bool = True) -> tuple[nn.Module, DDP, po
     for i in range(STEPS):
         _step(ddp, opt, xs[i].chunk(world)[rank], ys[i].chunk(world)[rank])
         replicated.update()
-        counts.append(_comms(sharded.update)[0])
+        counts.append(collectives(sharded.update)[0])
     return model, ddp, replicated, sharded, counts
 
 
@@ -111,7 +99,7 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["reference"] = reference
     fulls = []
     for k in range(len(DECAYS)):
-        n, full = _comms(lambda k=k: sharded.averaged_state_dict(k, full=True))
+        n, full = collectives(lambda k=k: sharded.averaged_state_dict(k, full=True))
         fulls.append(full)
         out[f"full_collectives_{k}"] = n
     out["full_equal"] = all(_equal(f, r) for f, r in zip(fulls, reference)) if rank == 0 else fulls
@@ -131,7 +119,7 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
         out["restored_after_error"] = _equal(ddp.state_dict(), live)
     # copy_to: the whole average into another model (a collective)
     other = _model()
-    n, _ = _comms(lambda: sharded.copy_to(other, 1))
+    n, _ = collectives(lambda: sharded.copy_to(other, 1))
     out["copy_to"] = (n, _equal(other.state_dict(), {k.removeprefix("module."): v for k, v in reference[1].items()}))
     # a re-pointed p.data is followed (the live tensor is compared, not the cached slice)
     with torch.no_grad():
@@ -144,7 +132,7 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
     followed = sharded.averaged_state_dict(0, full=True)
     out["repointed_followed"] = _equal(followed, replicated.averaged_state_dict(0)) if rank == 0 else followed == {}
     # files: polyak.save writes one standard file from rank 0 (a collective); DCP writes every rank's ranges
-    n, _ = _comms(lambda: polyak.save(f"{tmp}/ema.safetensors", sharded))
+    n, _ = collectives(lambda: polyak.save(f"{tmp}/ema.safetensors", sharded))
     out["save_collectives"] = n
     polyak.save(f"{tmp}/ema.pt", sharded)  # the torch format: gathered into rank 0's memory first
     state = sharded.state_dict()
@@ -154,7 +142,7 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["final_state"] = replicated.state_dict()
     # a standard state (full tensors) loads into a sharded EMA: each rank takes its part, no collective
     fresh = polyak.EMA(DDP(_model()), decay=DECAYS, shard=True)
-    n, _ = _comms(lambda: fresh.load_state_dict(replicated.state_dict()))
+    n, _ = collectives(lambda: fresh.load_state_dict(replicated.state_dict()))
     got = fresh.averaged_state_dict(1, full=True)
     want = replicated.averaged_state_dict(1)
     got.pop("module.bn.num_batches_tracked", None)  # the live counts of two models, not averaged
@@ -166,7 +154,7 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
     before = [v.clone() for g in skipping._groups for v in g.flat]
     with torch.no_grad():
         model.head.bias.fill_(float("nan"))
-    n, _ = _comms(skipping.update)
+    n, _ = collectives(skipping.update)
     out["skip"] = (n, skipping.skipped_updates, skipping.step)
     out["skip_unchanged"] = all(
         torch.equal(a, b) for a, b in zip(before, (v for g in skipping._groups for v in g.flat))
@@ -179,7 +167,7 @@ def _run(rank: int, world: int, tmp: str) -> dict[str, Any]:
     before = [v.clone() for g in flagged._groups for v in g.flat]
     with torch.no_grad():
         model.head.bias.fill_(float("nan"))
-    n, _ = _comms(flagged.update)
+    n, _ = collectives(flagged.update)
     flagged.synchronize()
     unchanged = all(torch.equal(a, b) for a, b in zip(before, (v for g in flagged._groups for v in g.flat)))
     out["skip_on_device"] = (flagged._device is not None, n, flagged.skipped_updates, unchanged)

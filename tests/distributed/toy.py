@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import polyak
+
 STEPS = 5
 DECAYS = [0.9, 0.5]
 BATCH = 12  # divisible by 2 and 3
@@ -33,3 +35,14 @@ def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
     opt.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
+
+
+def train_whole_batches(model: nn.Module, steps: int = STEPS) -> polyak.EMA:
+    """The single-process reference: an EMA (``DECAYS``) of ``model`` trained on the whole batches by SGD."""
+    ema = polyak.EMA(model, decay=DECAYS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = batches()
+    for i in range(steps):
+        sgd_step(model, opt, xs[i], ys[i])
+        ema.update()
+    return ema
